@@ -1,0 +1,1 @@
+//! The manager: a pure membership registry and the event loop around it.

@@ -1,0 +1,1 @@
+//! mio plumbing shared by both binaries.

@@ -1,0 +1,3 @@
+//! The peer: pure cores (manager link, serving, download scheduler) and the event loop.
+
+pub mod scheduler;

@@ -1,0 +1,1 @@
+//! Download scheduler core (pure).

@@ -1,0 +1,1 @@
+//! The shared folder: file index with hash cache, chunk hashing, partial downloads.

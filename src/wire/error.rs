@@ -1,0 +1,55 @@
+use std::fmt;
+
+/// Why a byte stream is not a valid shoal frame. Any of these closes the one
+/// connection that sent it; none of them may panic the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The header announced a body longer than this kind may ever have.
+    TooLong { kind: u8, len: usize, max: usize },
+    /// A frame kind this version does not know.
+    UnknownKind(u8),
+    /// The body ended before a field it must contain.
+    Truncated { kind: u8 },
+    /// The body carried bytes after its last field.
+    TrailingBytes { kind: u8 },
+    /// A hello that does not start with the shoal magic.
+    BadMagic([u8; 4]),
+    /// A field held a value outside its domain (unknown role, address family, ...).
+    BadValue { kind: u8, what: &'static str },
+    /// A file name that is not one plain path component.
+    BadFileName(String),
+    /// A string field that is not UTF-8.
+    BadUtf8 { kind: u8 },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::TooLong { kind, len, max } => write!(
+                f,
+                "frame kind 0x{kind:02x} announces {len} bytes, over its limit of {max}"
+            ),
+            DecodeError::UnknownKind(kind) => write!(f, "unknown frame kind 0x{kind:02x}"),
+            DecodeError::Truncated { kind } => write!(f, "frame kind 0x{kind:02x} is truncated"),
+            DecodeError::TrailingBytes { kind } => {
+                write!(f, "frame kind 0x{kind:02x} has trailing bytes")
+            }
+            DecodeError::BadMagic(m) => write!(
+                f,
+                "not a shoal peer (hello magic {m:02x?}, expected \"SHOL\")"
+            ),
+            DecodeError::BadValue { kind, what } => {
+                write!(f, "frame kind 0x{kind:02x}: invalid {what}")
+            }
+            DecodeError::BadFileName(name) => write!(
+                f,
+                "refused file name {name:?}: names must be one plain path component"
+            ),
+            DecodeError::BadUtf8 { kind } => {
+                write!(f, "frame kind 0x{kind:02x}: string is not UTF-8")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}

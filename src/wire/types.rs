@@ -1,0 +1,209 @@
+//! Value types carried in frames. Each one is parsed, not merely checked:
+//! once a `FileName` exists it is known to be safe to join onto a folder.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use super::{DecodeError, MAX_NAME_LEN};
+
+/// The manager's name for one registration; never reused within a manager run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub u64);
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A BLAKE3 digest: of one chunk, or the root over a whole file's manifest.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// Lowercase hex, as users see and type it.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits (the form `to_hex` prints).
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Hash(out))
+    }
+
+    /// The first 12 hex digits: enough to tell versions apart in logs.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", self.short())
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A shared file's name: exactly one plain path component, so joining it onto
+/// the shared folder can never escape it. Refuses empty names, `.`, `..`,
+/// anything with `/`, `\` or NUL, and names over 255 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FileName(String);
+
+impl FileName {
+    pub fn new(name: &str) -> Result<FileName, DecodeError> {
+        let bad = name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.len() > MAX_NAME_LEN
+            || name.contains(['/', '\\', '\0']);
+        if bad {
+            Err(DecodeError::BadFileName(name.chars().take(64).collect()))
+        } else {
+            Ok(FileName(name.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for FileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which side of which link a hello comes from; lets the manager refuse a
+/// peer-to-peer hello on its port with a clear message, and vice versa.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A peer talking to the manager (registering, or only asking questions).
+    ManagerClient = 0x01,
+    /// The manager answering a `ManagerClient`.
+    Manager = 0x02,
+    /// Either end of a peer-to-peer data connection.
+    Peer = 0x03,
+}
+
+impl Role {
+    pub(super) fn from_u8(v: u8) -> Option<Role> {
+        match v {
+            0x01 => Some(Role::ManagerClient),
+            0x02 => Some(Role::Manager),
+            0x03 => Some(Role::Peer),
+            _ => None,
+        }
+    }
+}
+
+/// Machine-readable reason in an error frame; the text beside it is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Magic, version or role did not match.
+    Incompatible = 0x0001,
+    /// A frame that did not decode, or was wrong for the connection's state.
+    Protocol = 0x0002,
+    /// The named file or version is not shared here.
+    NotFound = 0x0003,
+    /// A chunk index past the end of the file.
+    OutOfRange = 0x0004,
+    /// Too many connections or queued requests; try elsewhere or later.
+    Busy = 0x0005,
+    /// The server hit a local problem (unreadable file, ...).
+    Internal = 0x0006,
+    /// A code this build does not know (kept so newer peers can add codes).
+    Other = 0xffff,
+}
+
+impl ErrorCode {
+    pub(super) fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            0x0001 => ErrorCode::Incompatible,
+            0x0002 => ErrorCode::Protocol,
+            0x0003 => ErrorCode::NotFound,
+            0x0004 => ErrorCode::OutOfRange,
+            0x0005 => ErrorCode::Busy,
+            0x0006 => ErrorCode::Internal,
+            _ => ErrorCode::Other,
+        }
+    }
+}
+
+/// One live peer as the manager lists it: who, and where it serves chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerEntry {
+    pub id: PeerId,
+    pub addr: SocketAddr,
+}
+
+/// One file a peer shares, as reported to the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSummary {
+    pub name: FileName,
+    pub size: u64,
+    pub root: Hash,
+}
+
+/// One file on the network, as the manager lists it (per name and version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkFile {
+    pub name: FileName,
+    pub size: u64,
+    pub root: Hash,
+    pub holders: u32,
+}
+
+/// The peers holding one version of a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderGroup {
+    pub root: Hash,
+    pub size: u64,
+    pub peers: Vec<PeerEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_name_refuses_anything_but_one_component() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            "a\\b",
+            "a\0b",
+            &"x".repeat(256),
+        ] {
+            assert!(FileName::new(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["file1.txt", "..hidden", "a..b", "é.bin", &"x".repeat(255)] {
+            assert_eq!(FileName::new(good).unwrap().as_str(), good);
+        }
+    }
+
+    #[test]
+    fn hash_hex_round_trips() {
+        let h = Hash(std::array::from_fn(|i| i as u8 * 7));
+        assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(Hash::from_hex("zz"), None);
+        assert_eq!(Hash::from_hex(&"g".repeat(64)), None);
+    }
+}
