@@ -12,8 +12,9 @@
 //! Protocol logic never touches a socket or reads the clock: cores take
 //! decoded messages and `now`, and hand back actions and deadlines.
 
-pub mod wire;
-pub mod store;
-pub mod net;
+pub mod logging;
 pub mod manager;
+pub mod net;
 pub mod peer;
+pub mod store;
+pub mod wire;

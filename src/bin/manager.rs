@@ -1,1 +1,105 @@
-fn main() {}
+//! `manager`: keeps the list of live shoal peers and tells every peer when it changes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use shoal::manager::RegistryConfig;
+use shoal::manager::server::{Server, ServerConfig};
+
+/// The shoal manager: accepts peer registrations, pings every peer on a
+/// timer, drops the silent ones, and broadcasts each change of the peer list
+/// to every peer. It also answers "who has this file" from the file lists
+/// the peers report.
+///
+/// Commands on stdin: `peers`, `files`, `close` (or `c`). Stdin may be
+/// closed or /dev/null; SIGINT or SIGTERM stops it cleanly.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to accept peers on.
+    #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// Seconds between liveness pings to each peer.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS", value_parser = positive_secs)]
+    heartbeat: f64,
+
+    /// Seconds a peer may stay silent (hung, stopped, cut off) before it is
+    /// dropped from the list. Must exceed --heartbeat.
+    #[arg(long, default_value_t = 6.0, value_name = "SECS", value_parser = positive_secs)]
+    peer_timeout: f64,
+
+    /// Most simultaneous connections (peers and queries).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    max_conns: usize,
+
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Less log output (-q warnings only, -qq errors only).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    quiet: u8,
+
+    /// Write the log to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = shoal::logging::init(
+        shoal::logging::level(args.verbose, args.quiet),
+        args.log_file.as_deref(),
+    ) {
+        eprintln!("manager: {e}");
+        return ExitCode::from(2);
+    }
+    if args.peer_timeout <= args.heartbeat {
+        eprintln!(
+            "manager: --peer-timeout ({}) must be longer than --heartbeat ({}), or live peers would be dropped",
+            args.peer_timeout, args.heartbeat
+        );
+        return ExitCode::from(2);
+    }
+    let config = ServerConfig {
+        listen: args.listen,
+        registry: RegistryConfig {
+            heartbeat: Duration::from_secs_f64(args.heartbeat),
+            peer_timeout: Duration::from_secs_f64(args.peer_timeout),
+            ..RegistryConfig::default()
+        },
+        max_conns: args.max_conns,
+    };
+    let server = match Server::bind(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "manager: cannot listen on {}: {e} (is another manager running? pick another --listen)",
+                args.listen
+            );
+            return ExitCode::from(1);
+        }
+    };
+    match server.local_addr() {
+        Ok(addr) => log::info!("manager listening on {addr}"),
+        Err(e) => log::warn!("listening, but cannot read the local address: {e}"),
+    }
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("manager: event loop failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

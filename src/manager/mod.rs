@@ -1,1 +1,7 @@
-//! The manager: a pure membership registry and the event loop around it.
+//! The manager: a pure membership registry ([`registry`]) and the mio event
+//! loop that serves it over TCP ([`server`]).
+
+pub mod registry;
+pub mod server;
+
+pub use registry::{Registry, RegistryConfig};

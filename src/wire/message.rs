@@ -50,14 +50,24 @@ const MIN_PEER_ENTRY_LEN: usize = 8 + MIN_ADDR_LEN;
 pub enum Message<'a> {
     /// Opens every connection, from both sides. The magic is implied: it is
     /// checked on decode and written on encode.
-    Hello { version: u16, role: Role },
+    Hello {
+        version: u16,
+        role: Role,
+    },
     /// A refusal or failure; the sender closes the connection after it.
-    Error { code: ErrorCode, reason: String },
+    Error {
+        code: ErrorCode,
+        reason: String,
+    },
     /// A clean leave: the manager drops the peer at once, no timeout needed.
     Goodbye,
     /// Liveness probe; the other side answers `Pong` with the same nonce.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
 
     /// Peer -> manager: join as a sharing peer serving on `listen_port`
     /// (at the address the manager sees, unless `advertise` names one).
@@ -72,16 +82,22 @@ pub enum Message<'a> {
         peer_timeout_ms: u32,
     },
     /// The whole list of live peers (on join, and in answer to `ListPeers`).
-    PeerList { peers: Vec<PeerEntry> },
+    PeerList {
+        peers: Vec<PeerEntry>,
+    },
     /// Changes since the last list or delta this connection was sent.
     PeerDelta {
         added: Vec<PeerEntry>,
         removed: Vec<PeerId>,
     },
     /// Peer -> manager: the complete set of files this peer shares now.
-    ShareFiles { files: Vec<FileSummary> },
+    ShareFiles {
+        files: Vec<FileSummary>,
+    },
     /// Who holds `name`? Answered by `Holders`.
-    WhoHas { name: FileName },
+    WhoHas {
+        name: FileName,
+    },
     /// The holders of `name`, grouped by version (root hash).
     Holders {
         name: FileName,
@@ -89,12 +105,17 @@ pub enum Message<'a> {
     },
     /// Ask for every file on the network; answered by `FileList`.
     ListFiles,
-    FileList { files: Vec<NetworkFile> },
+    FileList {
+        files: Vec<NetworkFile>,
+    },
     /// Ask for the live peers; answered by `PeerList`.
     ListPeers,
 
     /// Peer -> peer: describe `name` (only the version `root`, if given).
-    GetManifest { name: FileName, root: Option<Hash> },
+    GetManifest {
+        name: FileName,
+        root: Option<Hash>,
+    },
     /// A file's description: its chunk hashes, whose root is `root`.
     Manifest {
         root: Hash,
@@ -103,11 +124,20 @@ pub enum Message<'a> {
         hashes: Vec<Hash>,
     },
     /// Ask for chunk `index` of the file whose root is `root`.
-    GetChunk { root: Hash, index: u32 },
+    GetChunk {
+        root: Hash,
+        index: u32,
+    },
     /// One chunk's bytes, answering a `GetChunk` on this connection.
-    Chunk { index: u32, data: &'a [u8] },
+    Chunk {
+        index: u32,
+        data: &'a [u8],
+    },
     /// Withdraw a `GetChunk` not yet answered (endgame duplicates).
-    Cancel { root: Hash, index: u32 },
+    Cancel {
+        root: Hash,
+        index: u32,
+    },
 }
 
 /// The name of a kind byte, for logs ("unknown" for kinds we do not know).
@@ -176,9 +206,7 @@ pub fn peek_header(buf: &[u8]) -> Result<Option<(u8, usize)>, DecodeError> {
     let kind = buf[4];
     let max = max_body_len(kind).ok_or(DecodeError::UnknownKind(kind))?;
     // `len` counts the kind byte too, so a valid frame has len >= 1.
-    let body_len = len
-        .checked_sub(1)
-        .ok_or(DecodeError::Truncated { kind })?;
+    let body_len = len.checked_sub(1).ok_or(DecodeError::Truncated { kind })?;
     if body_len > max {
         return Err(DecodeError::TooLong {
             kind,
@@ -240,7 +268,9 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
         kind::PEER_DELTA => {
             let added = read_peer_entries(c)?;
             let n = c.count(8)?;
-            let removed = (0..n).map(|_| c.u64().map(PeerId)).collect::<Result<_, _>>()?;
+            let removed = (0..n)
+                .map(|_| c.u64().map(PeerId))
+                .collect::<Result<_, _>>()?;
             Message::PeerDelta { added, removed }
         }
         kind::SHARE_FILES => {

@@ -1,0 +1,297 @@
+//! The manager's event loop: one mio `Poll` over the listener, every peer
+//! connection (in a slab), stdin and the shutdown signals. It only moves
+//! bytes: decoded frames go to the [`Registry`], and the registry's actions
+//! come back out as frames to send and connections to close.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::registry::{Action, Registry, RegistryConfig};
+use crate::net::{self, Conn, ConnId, IoStatus, StdinLines};
+use crate::wire::{ErrorCode, Message};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const STDIN: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// Beyond this many queued outgoing bytes a peer is not reading its socket
+/// (hung or stopped): it is dropped rather than grow our memory.
+const MAX_OUTBOX: usize = 16 << 20;
+
+/// How the manager is run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub registry: RegistryConfig,
+    /// Connections beyond this are refused with a `Busy` error.
+    pub max_conns: usize,
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    conns: Slab<Conn>,
+    registry: Registry,
+    stdin: StdinLines,
+    signals: signal_hook_mio::v1_0::Signals,
+    /// Connections whose read budget ran out: read again next turn.
+    revisit: Vec<ConnId>,
+    max_conns: usize,
+    stopping: bool,
+}
+
+impl Server {
+    /// Binds the listening socket and sets up the loop.
+    pub fn bind(config: ServerConfig) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(config.listen)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = net::shutdown_signals()?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let stdin = StdinLines::register(poll.registry(), STDIN);
+        Ok(Server {
+            poll,
+            listener,
+            conns: Slab::new(),
+            registry: Registry::new(config.registry),
+            stdin,
+            signals,
+            revisit: Vec::new(),
+            max_conns: config.max_conns,
+            stopping: false,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs until `close`, SIGINT or SIGTERM.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        for line in self.stdin.take_preloaded() {
+            self.handle_command(&line);
+        }
+        while !self.stopping {
+            let now = Instant::now();
+            let timeout = if self.revisit.is_empty() {
+                net::timeout_until(self.registry.poll_timeout(), now)
+            } else {
+                Some(std::time::Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for conn in std::mem::take(&mut self.revisit) {
+                self.handle_readable(conn, now);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(now),
+                    STDIN => {
+                        for line in self.stdin.read_lines(self.poll.registry()) {
+                            self.handle_command(&line);
+                        }
+                    }
+                    SIGNALS => {
+                        if self.signals.pending().next().is_some() {
+                            log::info!("signal received, shutting down");
+                            self.stopping = true;
+                        }
+                    }
+                    Token(key) => {
+                        let conn = ConnId(key);
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.handle_readable(conn, now);
+                        }
+                        if event.is_writable() {
+                            self.flush(conn, now);
+                        }
+                    }
+                }
+            }
+            self.registry.handle_timeout(now);
+            self.apply_actions(now);
+        }
+        log::info!("manager stopped ({} connections closed)", self.conns.len());
+        for (_, conn) in self.conns.iter_mut() {
+            conn.flush_and_close();
+        }
+        Ok(())
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let mut conn = Conn::new(stream, addr);
+                    if self.conns.len() >= self.max_conns {
+                        log::warn!("refusing {addr}: {} connections open", self.conns.len());
+                        conn.send(&Message::Error {
+                            code: ErrorCode::Busy,
+                            reason: "manager is at its connection limit".into(),
+                        });
+                        conn.flush_and_close();
+                        continue;
+                    }
+                    let entry = self.conns.vacant_entry();
+                    let id = ConnId(entry.key());
+                    if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
+                        log::warn!("cannot register connection from {addr}: {e}");
+                        continue;
+                    }
+                    entry.insert(conn);
+                    log::debug!("connection {} from {addr}", id.0);
+                    self.registry.handle_connected(id, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: log and let the next event retry.
+                    log::warn!("accept failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.apply_actions(now);
+    }
+
+    fn handle_readable(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return; // stale token: already closed this turn
+        };
+        let status = conn.fill(net::READ_BUDGET);
+        let remote = conn.peer_addr();
+        loop {
+            let Some(conn) = self.conns.get_mut(id.0) else {
+                return;
+            };
+            match conn.next_frame() {
+                Ok(Some((msg, used))) => {
+                    self.registry.handle_message(id, remote, msg, now);
+                    conn.consume(used);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("{remote}: {e}; closing");
+                    conn.send(&Message::Error {
+                        code: ErrorCode::Protocol,
+                        reason: e.to_string(),
+                    });
+                    self.registry.handle_disconnected(id, now);
+                    self.close(id);
+                    return;
+                }
+            }
+        }
+        match status {
+            Ok(IoStatus::WouldBlock) => {}
+            Ok(IoStatus::Budget) => self.revisit.push(id),
+            Ok(IoStatus::Done) => {
+                log::debug!("{remote} closed the connection");
+                self.registry.handle_disconnected(id, now);
+                self.close(id);
+            }
+            Err(e) => {
+                log::debug!("{remote}: read error: {e}");
+                self.registry.handle_disconnected(id, now);
+                self.close(id);
+            }
+        }
+        self.apply_actions(now);
+    }
+
+    fn flush(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        let result = conn
+            .flush()
+            .and_then(|_| conn.sync_interest(self.poll.registry(), Token(id.0)));
+        if conn.pending_write_bytes() > MAX_OUTBOX || result.is_err() {
+            log::warn!(
+                "{}: not reading ({} bytes queued) or gone; dropping",
+                conn.peer_addr(),
+                conn.pending_write_bytes()
+            );
+            self.registry.handle_disconnected(id, now);
+            self.close(id);
+        }
+    }
+
+    fn apply_actions(&mut self, now: Instant) {
+        let mut touched = Vec::new();
+        while let Some(action) = self.registry.poll_action() {
+            match action {
+                Action::Send(id, msg) => {
+                    if let Some(conn) = self.conns.get_mut(id.0) {
+                        conn.send(&msg);
+                        touched.push(id);
+                    }
+                }
+                Action::Close(id) => self.close(id),
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for id in touched {
+            self.flush(id, now);
+        }
+    }
+
+    fn close(&mut self, id: ConnId) {
+        if let Some(mut conn) = self.conns.try_remove(id.0) {
+            conn.deregister(self.poll.registry());
+            conn.flush_and_close();
+        }
+    }
+
+    fn handle_command(&mut self, line: &str) {
+        let mut out = io::stdout().lock();
+        let _ = match line {
+            "" => Ok(()),
+            "peers" => {
+                let peers = self.registry.peer_list();
+                let mut text = format!("{} live peers\n", peers.len());
+                for p in peers {
+                    text += &format!("  {:<6} {}\n", p.id.to_string(), p.addr);
+                }
+                out.write_all(text.as_bytes())
+            }
+            "files" => {
+                let files = self.registry.network_files();
+                let mut text = format!("{} files on the network\n", files.len());
+                for f in files {
+                    text += &format!(
+                        "  {:<32} {:>12} bytes  {} holders  {}\n",
+                        f.name.as_str(),
+                        f.size,
+                        f.holders,
+                        f.root.short()
+                    );
+                }
+                out.write_all(text.as_bytes())
+            }
+            "close" | "c" | "quit" => {
+                log::info!("close requested on stdin");
+                self.stopping = true;
+                Ok(())
+            }
+            "help" | "?" => out.write_all(b"commands: peers, files, close (c)\n"),
+            other => writeln!(out, "unknown command {other:?}; try: peers, files, close"),
+        };
+        let _ = out.flush();
+    }
+}

@@ -1,0 +1,207 @@
+//! A nonblocking TCP connection with a frame-aware read buffer and a bounded
+//! write buffer, following mio's edge-triggered rules: reads and writes run
+//! until `WouldBlock` (or a per-turn budget), and WRITABLE interest is held
+//! only while there are bytes to send.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::wire::{self, DecodeError, HEADER_LEN, Message};
+
+/// How a read or write pass over the socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStatus {
+    /// The socket has nothing more for us now; wait for the next event.
+    WouldBlock,
+    /// The per-turn budget ran out with data still waiting: revisit this
+    /// connection on the next turn, since no new edge will announce it.
+    Budget,
+    /// The other side closed its end (read) or everything was sent (write).
+    Done,
+}
+
+/// Room kept free at the end of the read buffer; also its starting size.
+const READ_CHUNK: usize = 64 << 10;
+
+pub struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Allocated (and zeroed) once per growth; `read_start..read_end` is unread.
+    read_buf: Vec<u8>,
+    read_start: usize,
+    read_end: usize,
+    write_buf: Vec<u8>,
+    write_start: usize,
+    interest: Interest,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr) -> Conn {
+        Conn {
+            stream,
+            peer,
+            read_buf: Vec::new(),
+            read_start: 0,
+            read_end: 0,
+            write_buf: Vec::new(),
+            write_start: 0,
+            interest: Interest::READABLE,
+        }
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        self.interest = self.wanted_interest();
+        registry.register(&mut self.stream, token, self.interest)
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) {
+        // Deregistering a socket mio already dropped from epoll is harmless.
+        let _ = registry.deregister(&mut self.stream);
+    }
+
+    fn wanted_interest(&self) -> Interest {
+        if self.has_pending_writes() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        }
+    }
+
+    /// Re-registers only when the wanted interest changed: one epoll_ctl per
+    /// transition between "idle" and "sending", not one per event.
+    pub fn sync_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let wanted = self.wanted_interest();
+        if wanted != self.interest {
+            self.interest = wanted;
+            registry.reregister(&mut self.stream, token, wanted)?;
+        }
+        Ok(())
+    }
+
+    /// Reads until `WouldBlock`, EOF, or `budget` bytes. Grows the buffer only
+    /// to fit the frame at its front, whose length `peek_header` has checked
+    /// against the kind's limit, so a hostile length never buys memory.
+    pub fn fill(&mut self, budget: usize) -> io::Result<IoStatus> {
+        let mut read = 0;
+        while read < budget {
+            self.make_room();
+            match self.stream.read(&mut self.read_buf[self.read_end..]) {
+                Ok(0) => return Ok(IoStatus::Done),
+                Ok(n) => {
+                    self.read_end += n;
+                    read += n;
+                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(IoStatus::WouldBlock),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                },
+            }
+        }
+        Ok(IoStatus::Budget)
+    }
+
+    /// Makes sure there is spare room after the buffered bytes: enough for
+    /// the whole frame at the front plus a read's worth. Moves the unread
+    /// tail to the front only when the buffer would otherwise have to grow.
+    fn make_room(&mut self) {
+        let frame_len = match wire::peek_header(&self.read_buf[self.read_start..self.read_end]) {
+            Ok(Some((_, body))) => HEADER_LEN + body,
+            // A bad header is reported by `next_frame`; just read a little.
+            _ => HEADER_LEN,
+        };
+        let want = frame_len.max(READ_CHUNK) + READ_CHUNK;
+        if self.read_buf.len() - self.read_start >= want && self.read_end < self.read_buf.len() {
+            return;
+        }
+        if self.read_start > 0 {
+            self.read_buf.copy_within(self.read_start..self.read_end, 0);
+            self.read_end -= self.read_start;
+            self.read_start = 0;
+        }
+        if self.read_buf.len() < want {
+            self.read_buf.resize(want, 0);
+        }
+    }
+
+    /// The next complete frame, borrowed from the read buffer. Call
+    /// [`Conn::consume`] with the returned length once done with the message.
+    pub fn next_frame(&self) -> Result<Option<(Message<'_>, usize)>, DecodeError> {
+        wire::decode(&self.read_buf[self.read_start..self.read_end])
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.read_start += n;
+        if self.read_start == self.read_end {
+            self.read_start = 0;
+            self.read_end = 0;
+        }
+    }
+
+    /// Queues one frame for sending.
+    pub fn send(&mut self, msg: &Message<'_>) {
+        wire::encode(msg, &mut self.write_buf);
+    }
+
+    /// The write buffer, for callers that build a frame in place (a chunk
+    /// read from disk straight behind its header).
+    pub fn write_buf_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.write_buf
+    }
+
+    pub fn pending_write_bytes(&self) -> usize {
+        self.write_buf.len() - self.write_start
+    }
+
+    pub fn has_pending_writes(&self) -> bool {
+        self.pending_write_bytes() > 0
+    }
+
+    /// Writes until the buffer is empty or the socket would block.
+    pub fn flush(&mut self) -> io::Result<IoStatus> {
+        while self.write_start < self.write_buf.len() {
+            match self.stream.write(&self.write_buf[self.write_start..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.write_start += n,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(IoStatus::WouldBlock),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                },
+            }
+        }
+        self.write_buf.clear();
+        self.write_start = 0;
+        Ok(IoStatus::Done)
+    }
+
+    /// Best effort: push out what is queued (an error frame, a goodbye)
+    /// before the connection is dropped. Never blocks.
+    pub fn flush_and_close(&mut self) {
+        let _ = self.flush();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Whether a nonblocking connect finished: `Ok(true)` once connected.
+    pub fn is_connected(&self) -> io::Result<bool> {
+        if let Some(e) = self.stream.take_error()? {
+            return Err(e);
+        }
+        match self.stream.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Standard input as a mio event source, one command per line.
+//!
+//! epoll refuses `/dev/null` and regular files (EPERM), so a peer started as
+//! `peer ... </dev/null &` must go on without stdin rather than fail; a
+//! regular file is read whole at start (reading it cannot block). We never set
+//! O_NONBLOCK on fd 0: it is shared with the user's shell, and leaving a
+//! terminal nonblocking breaks it. Instead every read is preceded by a
+//! zero-timeout poll, so it only happens when data is there.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+pub struct StdinLines {
+    registered: bool,
+    partial: Vec<u8>,
+    /// Lines read at start from a non-pollable stdin (a regular file).
+    preloaded: Vec<String>,
+}
+
+const STDIN_FD: i32 = 0;
+
+impl StdinLines {
+    /// Registers fd 0 with the loop if epoll accepts it.
+    pub fn register(registry: &Registry, token: Token) -> StdinLines {
+        let mut lines = StdinLines {
+            registered: false,
+            partial: Vec::new(),
+            preloaded: Vec::new(),
+        };
+        match registry.register(&mut SourceFd(&STDIN_FD), token, Interest::READABLE) {
+            Ok(()) => lines.registered = true,
+            Err(e) => {
+                log::debug!("stdin not pollable ({e}); reading it once if it is a file");
+                lines.preload_regular_file();
+            }
+        }
+        lines
+    }
+
+    fn preload_regular_file(&mut self) {
+        let stdin = io::stdin();
+        let is_file = std::fs::File::options()
+            .read(true)
+            .open(format!("/proc/self/fd/{}", stdin.as_raw_fd()))
+            .and_then(|f| f.metadata())
+            .map(|m| m.is_file())
+            .unwrap_or(false);
+        if is_file {
+            let text = io::read_to_string(stdin).unwrap_or_default();
+            self.preloaded = text.lines().map(str::to_string).collect();
+        }
+    }
+
+    /// Lines that arrived before the loop started (stdin was a regular file).
+    pub fn take_preloaded(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.preloaded)
+    }
+
+    /// Drains what stdin has now; returns complete lines. At EOF the fd is
+    /// deregistered and the process keeps running without stdin.
+    pub fn read_lines(&mut self, registry: &Registry) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        while self.registered && stdin_has_data() {
+            // SAFETY: reading into a stack buffer of the given length from fd 0.
+            let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                self.partial.extend_from_slice(&buf[..n as usize]);
+            } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            } else {
+                log::debug!("stdin closed; continuing without it");
+                let _ = registry.deregister(&mut SourceFd(&STDIN_FD));
+                self.registered = false;
+                if !self.partial.is_empty() {
+                    self.partial.push(b'\n');
+                }
+            }
+        }
+        let mut lines = Vec::new();
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            lines.push(String::from_utf8_lossy(&line).trim().to_string());
+        }
+        lines
+    }
+}
+
+/// A zero-timeout poll: true if a read on fd 0 would not block (data or EOF).
+fn stdin_has_data() -> bool {
+    let mut pfd = libc::pollfd {
+        fd: STDIN_FD,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}

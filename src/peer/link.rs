@@ -1,0 +1,406 @@
+//! The peer's side of the manager protocol, as a pure state machine: the
+//! hello, registration, answering pings, keeping the peer list from the
+//! broadcasts, questions (who has, list files, list peers), and reconnecting
+//! with exponential backoff when the manager goes away or goes quiet.
+//!
+//! The shell owns the socket: it connects when asked ([`LinkAction::Connect`]),
+//! feeds frames in, and sends what comes out.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::wire::{
+    FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION, PeerEntry, PeerId,
+    Role,
+};
+
+/// Whether this link joins the network or only asks questions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// A sharing peer, serving chunks on `listen_port`.
+    Member {
+        listen_port: u16,
+        advertise: Option<SocketAddr>,
+    },
+    /// `peer peers`, `peer files`: ask, print, exit. Never registers.
+    QueryOnly,
+}
+
+/// Timers of the link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Connect + hello must finish within this.
+    pub connect_timeout: Duration,
+    /// With no word from the manager for this long, it is presumed gone. The
+    /// manager's `Welcome` replaces it with the manager's own peer timeout.
+    pub silence_timeout: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            silence_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A question to the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    WhoHas(FileName),
+    ListFiles,
+    ListPeers,
+}
+
+/// What the shell must do, or hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Open a TCP connection to the manager, then call `handle_connected`.
+    Connect,
+    Send(Message<'static>),
+    /// Close the manager connection (a reconnect is already scheduled).
+    Close,
+    Event(LinkEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Registered (again) with this id.
+    Registered(PeerId),
+    /// The peer list changed.
+    PeersChanged,
+    Holders(FileName, Vec<HolderGroup>),
+    Files(Vec<NetworkFile>),
+    Peers(Vec<PeerEntry>),
+    /// A question could not be asked or answered: the manager is unreachable.
+    QueryFailed(Query),
+    /// The connection to the manager was lost; retrying in the given time.
+    Lost {
+        retry_in: Duration,
+    },
+    /// The manager refused us (version mismatch, ...).
+    Refused(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle { retry_at: Instant },
+    Connecting { since: Instant },
+    AwaitingHello { since: Instant },
+    Ready { last_heard: Instant },
+    Closed,
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            State::Idle { .. } => "idle",
+            State::Connecting { .. } => "connecting",
+            State::AwaitingHello { .. } => "awaiting-hello",
+            State::Ready { .. } => "ready",
+            State::Closed => "closed",
+        })
+    }
+}
+
+pub struct ManagerLink {
+    mode: LinkMode,
+    config: LinkConfig,
+    state: State,
+    backoff: Duration,
+    silence_timeout: Duration,
+    peer_id: Option<PeerId>,
+    /// The first PeerList after a Welcome is the join list, not an answer.
+    awaiting_join_list: bool,
+    peers: BTreeMap<PeerId, SocketAddr>,
+    shared: Vec<FileSummary>,
+    /// Questions sent and not yet answered, in order (answers come in order).
+    in_flight: VecDeque<Query>,
+    /// Questions asked while not connected.
+    queued: VecDeque<Query>,
+    actions: VecDeque<LinkAction>,
+}
+
+impl ManagerLink {
+    /// A link that will connect at once.
+    pub fn new(mode: LinkMode, config: LinkConfig, now: Instant) -> ManagerLink {
+        ManagerLink {
+            mode,
+            config,
+            state: State::Idle { retry_at: now },
+            backoff: config.retry_min,
+            silence_timeout: config.silence_timeout,
+            peer_id: None,
+            awaiting_join_list: false,
+            peers: BTreeMap::new(),
+            shared: Vec::new(),
+            in_flight: VecDeque::new(),
+            queued: VecDeque::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Our id while registered.
+    pub fn peer_id(&self) -> Option<PeerId> {
+        self.peer_id.filter(|_| self.is_ready())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
+    /// The live peers as last broadcast (ourselves included).
+    pub fn peers(&self) -> &BTreeMap<PeerId, SocketAddr> {
+        &self.peers
+    }
+
+    /// Replaces the set of files we share; sent now if registered, else on
+    /// the next registration.
+    pub fn set_shared(&mut self, files: Vec<FileSummary>) {
+        self.shared = files;
+        if self.is_ready() && matches!(self.mode, LinkMode::Member { .. }) {
+            self.send(Message::ShareFiles {
+                files: self.shared.clone(),
+            });
+        }
+    }
+
+    pub fn ask(&mut self, query: Query) {
+        if self.is_ready() {
+            self.send_query(query);
+        } else {
+            self.queued.push_back(query);
+        }
+    }
+
+    /// The shell's connect finished.
+    pub fn handle_connected(&mut self, now: Instant) {
+        if !matches!(self.state, State::Connecting { .. }) {
+            return;
+        }
+        self.set_state(State::AwaitingHello { since: now });
+        self.send(Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::ManagerClient,
+        });
+        if let LinkMode::Member {
+            listen_port,
+            advertise,
+        } = self.mode
+        {
+            self.send(Message::Register {
+                listen_port,
+                advertise,
+            });
+            self.send(Message::ShareFiles {
+                files: self.shared.clone(),
+            });
+        }
+    }
+
+    /// The connection failed, closed, or sent bytes that did not decode.
+    pub fn handle_disconnected(&mut self, now: Instant) {
+        if matches!(self.state, State::Idle { .. } | State::Closed) {
+            return;
+        }
+        let retry_in = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.config.retry_max);
+        self.set_state(State::Idle {
+            retry_at: now + retry_in,
+        });
+        self.awaiting_join_list = false;
+        for query in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+            self.actions
+                .push_back(LinkAction::Event(LinkEvent::QueryFailed(query)));
+        }
+        self.actions
+            .push_back(LinkAction::Event(LinkEvent::Lost { retry_in }));
+    }
+
+    pub fn handle_message(&mut self, msg: Message<'_>, now: Instant) {
+        if let State::Ready { last_heard } = &mut self.state {
+            *last_heard = now;
+        }
+        match (self.state, msg) {
+            (State::AwaitingHello { .. }, Message::Hello { version, role }) => {
+                if version != PROTOCOL_VERSION || role != Role::Manager {
+                    let why = format!(
+                        "the manager speaks protocol {version} as {role:?}; this peer needs {PROTOCOL_VERSION}"
+                    );
+                    self.fail(why, now);
+                    return;
+                }
+                self.set_state(State::Ready { last_heard: now });
+                if self.mode == LinkMode::QueryOnly {
+                    self.backoff = self.config.retry_min;
+                }
+                while let Some(q) = self.queued.pop_front() {
+                    self.send_query(q);
+                }
+            }
+            (
+                State::Ready { .. },
+                Message::Welcome {
+                    peer_id,
+                    peer_timeout_ms,
+                    ..
+                },
+            ) => {
+                self.peer_id = Some(peer_id);
+                self.backoff = self.config.retry_min;
+                if peer_timeout_ms > 0 {
+                    self.silence_timeout = Duration::from_millis(peer_timeout_ms as u64);
+                }
+                self.awaiting_join_list = true;
+                log::info!("registered with the manager as peer {peer_id}");
+                self.event(LinkEvent::Registered(peer_id));
+            }
+            (State::Ready { .. }, Message::PeerList { peers }) if self.awaiting_join_list => {
+                self.awaiting_join_list = false;
+                self.peers = peers.into_iter().map(|p| (p.id, p.addr)).collect();
+                self.event(LinkEvent::PeersChanged);
+            }
+            (State::Ready { .. }, Message::PeerDelta { added, removed }) => {
+                for id in removed {
+                    self.peers.remove(&id);
+                }
+                for p in added {
+                    self.peers.insert(p.id, p.addr);
+                }
+                self.event(LinkEvent::PeersChanged);
+            }
+            (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
+            (State::Ready { .. }, Message::Pong { .. }) => {}
+            (State::Ready { .. }, Message::PeerList { peers })
+                if self.in_flight.front() == Some(&Query::ListPeers) =>
+            {
+                self.in_flight.pop_front();
+                self.event(LinkEvent::Peers(peers));
+            }
+            (State::Ready { .. }, Message::FileList { files })
+                if self.in_flight.front() == Some(&Query::ListFiles) =>
+            {
+                self.in_flight.pop_front();
+                self.event(LinkEvent::Files(files));
+            }
+            (State::Ready { .. }, Message::Holders { name, groups })
+                if self.in_flight.front() == Some(&Query::WhoHas(name.clone())) =>
+            {
+                self.in_flight.pop_front();
+                self.event(LinkEvent::Holders(name, groups));
+            }
+            (_, Message::Error { code, reason }) => {
+                self.fail(format!("manager refused: {reason} ({code:?})"), now);
+            }
+            (state, msg) => {
+                log::warn!("manager sent {msg:?} while {state}; reconnecting");
+                self.actions.push_back(LinkAction::Close);
+                self.handle_disconnected(now);
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Idle { retry_at } if retry_at <= now => {
+                self.set_state(State::Connecting { since: now });
+                self.actions.push_back(LinkAction::Connect);
+            }
+            State::Connecting { since } | State::AwaitingHello { since }
+                if since + self.config.connect_timeout <= now =>
+            {
+                log::warn!(
+                    "manager did not answer within {:?}",
+                    self.config.connect_timeout
+                );
+                self.actions.push_back(LinkAction::Close);
+                self.handle_disconnected(now);
+            }
+            State::Ready { last_heard } if self.silence_deadline(last_heard) <= now => {
+                log::warn!(
+                    "manager silent for {:?}; reconnecting",
+                    self.silence_timeout
+                );
+                self.actions.push_back(LinkAction::Close);
+                self.handle_disconnected(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Says goodbye (if registered) and stops reconnecting.
+    pub fn shutdown(&mut self) {
+        if self.is_ready() {
+            self.send(Message::Goodbye);
+        }
+        self.set_state(State::Closed);
+    }
+
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<LinkAction> {
+        self.actions.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Idle { retry_at } => Some(retry_at),
+            State::Connecting { since } | State::AwaitingHello { since } => {
+                Some(since + self.config.connect_timeout)
+            }
+            State::Ready { last_heard } => Some(self.silence_deadline(last_heard)),
+            State::Closed => None,
+        }
+    }
+
+    /// A registered member hears a ping every heartbeat, so silence means
+    /// trouble; a query-only client hears nothing between answers, so for it
+    /// silence only counts while a question is waiting.
+    fn silence_deadline(&self, last_heard: Instant) -> Instant {
+        let waiting = !self.in_flight.is_empty();
+        match self.mode {
+            LinkMode::Member { .. } => last_heard + self.silence_timeout,
+            LinkMode::QueryOnly if waiting => last_heard + self.config.connect_timeout,
+            LinkMode::QueryOnly => last_heard + Duration::from_secs(24 * 3600),
+        }
+    }
+
+    fn fail(&mut self, why: String, now: Instant) {
+        log::error!("{why}");
+        self.event(LinkEvent::Refused(why));
+        self.actions.push_back(LinkAction::Close);
+        self.handle_disconnected(now);
+    }
+
+    fn send_query(&mut self, query: Query) {
+        let msg = match &query {
+            Query::WhoHas(name) => Message::WhoHas { name: name.clone() },
+            Query::ListFiles => Message::ListFiles,
+            Query::ListPeers => Message::ListPeers,
+        };
+        self.send(msg);
+        self.in_flight.push_back(query);
+    }
+
+    fn send(&mut self, msg: Message<'static>) {
+        self.actions.push_back(LinkAction::Send(msg));
+    }
+
+    fn event(&mut self, event: LinkEvent) {
+        self.actions.push_back(LinkAction::Event(event));
+    }
+
+    fn set_state(&mut self, state: State) {
+        if std::mem::discriminant(&state) != std::mem::discriminant(&self.state) {
+            log::debug!("manager link: {} => {}", self.state, state);
+        }
+        self.state = state;
+    }
+}
