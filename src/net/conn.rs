@@ -52,6 +52,15 @@ impl Conn {
         }
     }
 
+    /// A connection whose stream the caller already registered with
+    /// `interest` (an outgoing connect waits for WRITABLE to learn the result).
+    pub fn new_registered(stream: TcpStream, peer: SocketAddr, interest: Interest) -> Conn {
+        Conn {
+            interest,
+            ..Conn::new(stream, peer)
+        }
+    }
+
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
     }

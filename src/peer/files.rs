@@ -1,0 +1,55 @@
+//! Open file handles for serving, kept across requests: opening the file
+//! once per chunk would cost two syscalls per chunk for nothing.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use super::serve::Catalog;
+use crate::store::{Manifest, SharedFolder};
+use crate::wire::{FileName, Hash};
+
+pub struct OpenFiles {
+    capacity: usize,
+    /// Most recently used last.
+    files: Vec<(Hash, File)>,
+}
+
+impl OpenFiles {
+    pub fn new(capacity: usize) -> OpenFiles {
+        OpenFiles {
+            capacity: capacity.max(1),
+            files: Vec::new(),
+        }
+    }
+
+    /// The open handle for the file with `root`, opening `path` if needed.
+    pub fn get(&mut self, root: &Hash, path: &Path) -> io::Result<&File> {
+        if let Some(pos) = self.files.iter().position(|(r, _)| r == root) {
+            let entry = self.files.remove(pos);
+            self.files.push(entry);
+        } else {
+            if self.files.len() >= self.capacity {
+                self.files.remove(0);
+            }
+            self.files.push((*root, File::open(path)?));
+        }
+        // The entry was pushed just above.
+        Ok(&self.files.last().expect("entry just pushed").1)
+    }
+
+    /// Forget every handle (the folder changed: a path may now be another file).
+    pub fn clear(&mut self) {
+        self.files.clear();
+    }
+}
+
+impl Catalog for SharedFolder {
+    fn find_by_name(&self, name: &FileName) -> Option<&Manifest> {
+        self.by_name(name).map(|f| &f.manifest)
+    }
+
+    fn find_by_root(&self, root: &Hash) -> Option<&Manifest> {
+        self.by_root(root).map(|f| &f.manifest)
+    }
+}

@@ -1,0 +1,225 @@
+//! One inbound peer connection, serving chunks: a pure state machine. It
+//! checks every request against the shared listing (a [`Catalog`]), queues
+//! valid chunk requests up to a bound, and hands them out one at a time when
+//! the shell has room in the socket buffer, so disk reads never outrun the
+//! network. Bad requests get an error frame and the connection is closed.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::store::Manifest;
+use crate::wire::{ErrorCode, FileName, Hash, Message, PROTOCOL_VERSION, Role};
+
+/// The files a peer serves, looked up by name (manifests) or root (chunks).
+pub trait Catalog {
+    fn find_by_name(&self, name: &FileName) -> Option<&Manifest>;
+    fn find_by_root(&self, root: &Hash) -> Option<&Manifest>;
+}
+
+/// Limits of one serving connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeConfig {
+    /// Chunk requests queued at most; a client that pipelines more is broken.
+    pub max_queue: usize,
+    pub hello_timeout: Duration,
+    /// A connection with nothing queued and no request for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_queue: 256,
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A validated chunk request, ready to be read from disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRequest {
+    pub root: Hash,
+    pub index: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServeAction {
+    Send(Message<'static>),
+    /// Flush what is queued, then close.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingHello { since: Instant },
+    Ready { last_request: Instant },
+    Closing,
+}
+
+pub struct ServeSession {
+    config: ServeConfig,
+    state: State,
+    queue: VecDeque<ChunkRequest>,
+    actions: VecDeque<ServeAction>,
+}
+
+impl ServeSession {
+    /// A freshly accepted connection; we greet it at once.
+    pub fn new(config: ServeConfig, now: Instant) -> ServeSession {
+        let mut session = ServeSession {
+            config,
+            state: State::AwaitingHello { since: now },
+            queue: VecDeque::new(),
+            actions: VecDeque::new(),
+        };
+        session.send(Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Peer,
+        });
+        session
+    }
+
+    pub fn handle_message(&mut self, msg: Message<'_>, catalog: &impl Catalog, now: Instant) {
+        match (self.state, msg) {
+            (State::AwaitingHello { .. }, Message::Hello { version, role }) => {
+                if version != PROTOCOL_VERSION || role != Role::Peer {
+                    self.refuse(
+                        ErrorCode::Incompatible,
+                        format!("expected a peer speaking protocol {PROTOCOL_VERSION}, got {role:?} version {version}"),
+                    );
+                } else {
+                    self.state = State::Ready { last_request: now };
+                }
+            }
+            (State::Ready { .. }, Message::GetManifest { name, root }) => {
+                self.state = State::Ready { last_request: now };
+                match catalog.find_by_name(&name) {
+                    Some(m) if root.is_none_or(|r| r == m.root) => {
+                        self.send(Message::Manifest {
+                            root: m.root,
+                            size: m.size,
+                            chunk_size: m.chunk_size,
+                            hashes: m.hashes.clone(),
+                        });
+                    }
+                    Some(_) => self.refuse(
+                        ErrorCode::NotFound,
+                        format!("{name}: the version shared here has a different hash"),
+                    ),
+                    None => self.refuse(ErrorCode::NotFound, format!("{name} is not shared here")),
+                }
+            }
+            (State::Ready { .. }, Message::GetChunk { root, index }) => {
+                self.state = State::Ready { last_request: now };
+                self.handle_get_chunk(root, index, catalog);
+            }
+            (State::Ready { .. }, Message::Cancel { root, index }) => {
+                self.queue.retain(|r| !(r.root == root && r.index == index));
+            }
+            (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
+            (_, Message::Goodbye) => self.close(),
+            (State::Closing, _) => {}
+            (state, msg) => self.refuse(
+                ErrorCode::Protocol,
+                format!("unexpected {} in state {state:?}", describe(&msg)),
+            ),
+        }
+    }
+
+    fn handle_get_chunk(&mut self, root: Hash, index: u32, catalog: &impl Catalog) {
+        let Some(m) = catalog.find_by_root(&root) else {
+            return self.refuse(
+                ErrorCode::NotFound,
+                format!("no shared file has root {}", root.short()),
+            );
+        };
+        if index >= m.chunk_count() {
+            return self.refuse(
+                ErrorCode::OutOfRange,
+                format!("chunk {index} is past the end ({} chunks)", m.chunk_count()),
+            );
+        }
+        if self.queue.len() >= self.config.max_queue {
+            return self.refuse(
+                ErrorCode::Busy,
+                format!("more than {} chunk requests queued", self.config.max_queue),
+            );
+        }
+        self.queue.push_back(ChunkRequest {
+            root,
+            index,
+            offset: m.chunk_offset(index),
+            len: m.chunk_len(index),
+        });
+    }
+
+    /// The next chunk to send, without taking it (the shell may have to wait
+    /// for upload tokens first).
+    pub fn peek_request(&self) -> Option<&ChunkRequest> {
+        self.queue.front()
+    }
+
+    pub fn pop_request(&mut self) -> Option<ChunkRequest> {
+        self.queue.pop_front()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The shell could not read a chunk from disk (file gone, I/O error).
+    pub fn handle_read_failed(&mut self, why: String) {
+        self.refuse(ErrorCode::Internal, why);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|t| t <= now) {
+            log::debug!("closing serving connection: {:?} timed out", self.state);
+            self.close();
+        }
+    }
+
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<ServeAction> {
+        self.actions.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitingHello { since } => Some(since + self.config.hello_timeout),
+            State::Ready { last_request } if self.queue.is_empty() => {
+                Some(last_request + self.config.idle_timeout)
+            }
+            _ => None,
+        }
+    }
+
+    fn refuse(&mut self, code: ErrorCode, reason: String) {
+        log::warn!("refusing a peer: {reason}");
+        self.send(Message::Error { code, reason });
+        self.close();
+    }
+
+    fn close(&mut self) {
+        self.queue.clear();
+        self.state = State::Closing;
+        self.actions.push_back(ServeAction::Close);
+    }
+
+    fn send(&mut self, msg: Message<'static>) {
+        self.actions.push_back(ServeAction::Send(msg));
+    }
+}
+
+/// A short description of a message for error text (never a whole chunk).
+fn describe(msg: &Message<'_>) -> String {
+    match msg {
+        Message::Chunk { index, data } => format!("chunk {index} ({} bytes)", data.len()),
+        Message::Manifest { root, .. } => format!("manifest {}", root.short()),
+        other => format!("{other:?}"),
+    }
+}
