@@ -11,6 +11,7 @@ use super::types::{
 };
 use super::{
     DecodeError, HEADER_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_NAME_LEN, MAX_REASON_LEN,
+    MIN_CHUNK_SIZE,
 };
 
 mod kind {
@@ -332,6 +333,11 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
             let root = Hash(c.array()?);
             let size = c.u64()?;
             let chunk_size = c.u32()?;
+            if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+                || !chunk_size.is_power_of_two()
+            {
+                return Err(c.bad("chunk size"));
+            }
             let n = c.count(32)?;
             let hashes = (0..n)
                 .map(|_| c.array().map(Hash))

@@ -10,6 +10,9 @@ mod error;
 mod message;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::DecodeError;
 pub use message::{
     Message, decode, encode, encode_chunk_header, kind_name, max_body_len, peek_header,
