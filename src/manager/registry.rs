@@ -100,6 +100,10 @@ pub struct Registry {
     next_nonce: u64,
     /// The member set as last broadcast; deltas are computed against it.
     broadcast_view: BTreeMap<PeerId, SocketAddr>,
+    /// Members that joined and left since the last broadcast. The view never
+    /// held them, but the join lists sent meanwhile did, so the next delta
+    /// must remove them too.
+    unannounced_leaves: Vec<PeerId>,
     broadcast_due: Option<Instant>,
     next_ping: Option<Instant>,
     /// Earliest moment any member or handshake can expire (may be early, never late).
@@ -116,6 +120,7 @@ impl Registry {
             next_peer_id: 1,
             next_nonce: 1,
             broadcast_view: BTreeMap::new(),
+            unannounced_leaves: Vec::new(),
             broadcast_due: None,
             next_ping: None,
             next_sweep: None,
@@ -343,6 +348,9 @@ impl Registry {
         if let Some(ConnState::Member(m)) = self.conns.remove(&conn) {
             log::info!("peer {} left ({reason})", m.id);
             self.members.remove(&m.id);
+            if !self.broadcast_view.contains_key(&m.id) {
+                self.unannounced_leaves.push(m.id);
+            }
             self.membership_changed(now);
         }
     }
@@ -376,12 +384,13 @@ impl Registry {
             .filter(|(id, _)| !self.broadcast_view.contains_key(id))
             .map(|(&id, &addr)| PeerEntry { id, addr })
             .collect();
-        let removed: Vec<PeerId> = self
+        let mut removed: Vec<PeerId> = self
             .broadcast_view
             .keys()
             .filter(|id| !now_view.contains_key(id))
             .copied()
             .collect();
+        removed.append(&mut self.unannounced_leaves);
         self.broadcast_view = now_view;
         if added.is_empty() && removed.is_empty() {
             return;
@@ -463,5 +472,61 @@ fn state_name(state: &ConnState) -> &'static str {
         ConnState::AwaitingHello { .. } => "awaiting hello",
         ConnState::Client => "connected, not registered",
         ConnState::Member(_) => "registered",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every id in `members` points at a connection in state `Member` with
+    /// that id, and every `Member` connection is in `members`.
+    fn check_invariants(r: &Registry) {
+        for (id, conn) in &r.members {
+            assert!(matches!(r.conns.get(conn), Some(ConnState::Member(m)) if m.id == *id));
+        }
+        let member_conns = r
+            .conns
+            .values()
+            .filter(|s| matches!(s, ConnState::Member(_)));
+        assert_eq!(member_conns.count(), r.members.len());
+    }
+
+    fn join(r: &mut Registry, conn: usize, now: Instant) {
+        let remote: SocketAddr = ([10, 0, 0, conn as u8], 4000).into();
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::ManagerClient,
+        };
+        let register = Message::Register {
+            listen_port: 7000,
+            advertise: None,
+        };
+        r.handle_connected(ConnId(conn), now);
+        r.handle_message(ConnId(conn), remote, hello, now);
+        r.handle_message(ConnId(conn), remote, register, now);
+        check_invariants(r);
+    }
+
+    #[test]
+    fn a_member_that_joins_and_leaves_between_broadcasts_is_removed_in_the_delta() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        join(&mut r, 1, t0);
+        join(&mut r, 2, t0);
+        r.handle_disconnected(ConnId(1), t0);
+        check_invariants(&r);
+        while r.poll_action().is_some() {}
+
+        r.handle_timeout(t0 + r.config.broadcast_delay);
+        let delta = std::iter::from_fn(|| r.poll_action()).find_map(|a| match a {
+            Action::Send(ConnId(2), Message::PeerDelta { added, removed }) => {
+                Some((added, removed))
+            }
+            _ => None,
+        });
+        let (added, removed) = delta.expect("a delta to the member still there");
+        assert_eq!(added.iter().map(|p| p.id).collect::<Vec<_>>(), [PeerId(2)]);
+        assert_eq!(removed, [PeerId(1)], "conn 2's join list named peer 1");
     }
 }

@@ -161,11 +161,16 @@ impl ManagerLink {
         &self.peers
     }
 
-    /// Replaces the set of files we share; sent now if registered, else on
-    /// the next registration.
+    /// Replaces the set of files we share; sent now if registered or
+    /// registering (the `Register` already went out with the old set), else
+    /// on the next registration.
     pub fn set_shared(&mut self, files: Vec<FileSummary>) {
         self.shared = files;
-        if self.is_ready() && matches!(self.mode, LinkMode::Member { .. }) {
+        let registered = matches!(
+            self.state,
+            State::AwaitingHello { .. } | State::Ready { .. }
+        );
+        if registered && matches!(self.mode, LinkMode::Member { .. }) {
             self.send(Message::ShareFiles {
                 files: self.shared.clone(),
             });
