@@ -26,11 +26,20 @@ fn sorted(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
 }
 
 /// Waits until the manager and every peer list exactly `expected`.
-fn wait_converged(manager: SocketAddr, peers: &mut [&mut Peer], expected: &[SocketAddr], limit: Duration) {
+fn wait_converged(
+    manager: SocketAddr,
+    peers: &mut [&mut Peer],
+    expected: &[SocketAddr],
+    limit: Duration,
+) {
     let expected = sorted(expected.to_vec());
-    wait_for(limit, "manager list to converge", || network_peers(manager) == expected);
+    wait_for(limit, "manager list to converge", || {
+        network_peers(manager) == expected
+    });
     for p in peers.iter_mut() {
-        wait_for(limit, "peer list to converge", || p.listed_addrs() == expected);
+        wait_for(limit, "peer list to converge", || {
+            p.listed_addrs() == expected
+        });
     }
 }
 
@@ -54,7 +63,7 @@ fn killed_and_stopped_peers_vanish_within_the_timeout() {
     let all = [p1.addr, p2.addr, p3.addr, p4.addr];
     wait_converged(manager.addr, &mut [&mut p1, &mut p2], &all, WAIT);
 
-    let mut killed = p3;
+    let killed = p3;
     killed.proc.signal("KILL");
     let stopped = p4;
     stopped.proc.signal("STOP");
@@ -74,7 +83,8 @@ fn a_peer_that_quits_is_removed_at_once() {
     let (_d1, mut p1) = peer_with_file(manager.addr, "a.txt");
     let (_d2, mut p2) = peer_with_file(manager.addr, "b.txt");
     let (_d3, mut p3) = peer_with_file(manager.addr, "c.txt");
-    wait_converged(manager.addr, &mut [&mut p1], &[p1.addr, p2.addr, p3.addr], WAIT);
+    let all = [p1.addr, p2.addr, p3.addr];
+    wait_converged(manager.addr, &mut [&mut p1], &all, WAIT);
 
     p2.proc.send_line("quit");
     let status = p2.proc.wait_exit(WAIT);
@@ -82,7 +92,13 @@ fn a_peer_that_quits_is_removed_at_once() {
     p3.proc.signal("TERM");
     let status = p3.proc.wait_exit(WAIT);
     assert!(status.success(), "SIGTERM on an idle peer exits 0");
-    wait_converged(manager.addr, &mut [&mut p1], &[p1.addr], Duration::from_secs(5));
+    let survivor = [p1.addr];
+    wait_converged(
+        manager.addr,
+        &mut [&mut p1],
+        &survivor,
+        Duration::from_secs(5),
+    );
 }
 
 #[test]
@@ -121,10 +137,19 @@ fn files_lists_what_each_peer_shares() {
         out = peer_oneshot(manager.addr, &["files"]).1;
         out.starts_with("2 files on the network") && out.contains(" 2 holders")
     });
-    let a = out.lines().find(|l| l.trim_start().starts_with("a.txt")).expect("a.txt listed");
+    let a = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("a.txt"))
+        .expect("a.txt listed");
     assert!(a.contains("  1 holders"), "{a}");
-    assert!(a.contains(&format!(" {} bytes", "contents of a.txt\n".len())), "{a}");
-    let b = out.lines().find(|l| l.trim_start().starts_with("b.txt")).expect("b.txt listed");
+    assert!(
+        a.contains(&format!(" {} bytes", "contents of a.txt\n".len())),
+        "{a}"
+    );
+    let b = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("b.txt"))
+        .expect("b.txt listed");
     assert!(b.contains("  2 holders"), "{b}");
 }
 
@@ -132,16 +157,22 @@ fn files_lists_what_each_peer_shares() {
 fn a_new_file_in_the_folder_is_announced() {
     let manager = Manager::start(HEARTBEAT, PEER_TIMEOUT);
     let (dir, _p1) = peer_with_file(manager.addr, "a.txt");
-    wait_for(WAIT, "a.txt listed", || peer_oneshot(manager.addr, &["files"]).1.contains("a.txt"));
+    wait_for(WAIT, "a.txt listed", || {
+        peer_oneshot(manager.addr, &["files"]).1.contains("a.txt")
+    });
     std::fs::write(dir.path().join("later.bin"), b"added after start").unwrap();
     wait_for(WAIT, "later.bin listed", || {
-        peer_oneshot(manager.addr, &["files"]).1.contains("later.bin")
+        peer_oneshot(manager.addr, &["files"])
+            .1
+            .contains("later.bin")
     });
 }
 
 /// Reads until the other side closes; true if it did within the limit.
 fn closed_by_peer(stream: &mut TcpStream) -> bool {
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buf = [0u8; 4096];
     loop {
         match stream.read(&mut buf) {
@@ -157,21 +188,32 @@ fn closed_by_peer(stream: &mut TcpStream) -> bool {
 fn garbage_and_oversized_frames_close_only_that_connection() {
     let mut manager = Manager::start(HEARTBEAT, PEER_TIMEOUT);
     let (_d1, mut p1) = peer_with_file(manager.addr, "a.txt");
-    wait_converged(manager.addr, &mut [&mut p1], &[p1.addr], WAIT);
+    let only = [p1.addr];
+    wait_converged(manager.addr, &mut [&mut p1], &only, WAIT);
 
     let mut garbage = TcpStream::connect(manager.addr).unwrap();
-    garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     assert!(closed_by_peer(&mut garbage), "garbage connection closed");
 
     // A hello-sized header announcing a 4 GiB body: refused from the header.
     let mut oversized = TcpStream::connect(manager.addr).unwrap();
-    oversized.write_all(&[0xff, 0xff, 0xff, 0xff, 0x01]).unwrap();
-    assert!(closed_by_peer(&mut oversized), "oversized connection closed");
+    oversized
+        .write_all(&[0xff, 0xff, 0xff, 0xff, 0x01])
+        .unwrap();
+    assert!(
+        closed_by_peer(&mut oversized),
+        "oversized connection closed"
+    );
 
     // An unknown kind.
     let mut unknown = TcpStream::connect(manager.addr).unwrap();
     unknown.write_all(&[0, 0, 0, 1, 0x7e]).unwrap();
-    assert!(closed_by_peer(&mut unknown), "unknown-kind connection closed");
+    assert!(
+        closed_by_peer(&mut unknown),
+        "unknown-kind connection closed"
+    );
 
     // Everyone else is still served, and the registered peer is still listed.
     assert_eq!(network_peers(manager.addr), vec![p1.addr]);
@@ -194,7 +236,9 @@ fn peers_run_without_stdin() {
         .spawn()
         .unwrap();
     let mut guard = ChildGuard(child);
-    wait_for(WAIT, "the stdin-less peer to register", || network_peers(manager.addr).len() == 1);
+    wait_for(WAIT, "the stdin-less peer to register", || {
+        network_peers(manager.addr).len() == 1
+    });
     // Still there several peer timeouts later: it answers pings without stdin.
     std::thread::sleep(Duration::from_secs_f64(PEER_TIMEOUT * 2.0));
     assert_eq!(network_peers(manager.addr).len(), 1);
@@ -204,7 +248,10 @@ fn peers_run_without_stdin() {
 #[test]
 fn oneshot_queries_fail_clearly_without_a_manager() {
     // A port nothing listens on.
-    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let (ok, _, err) = peer_oneshot(unused, &["peers"]);
     assert!(!ok);
     assert!(err.contains("cannot reach the manager"), "{err}");

@@ -114,11 +114,9 @@ fn main() -> ExitCode {
         eprintln!("peer: {e}");
         return ExitCode::from(2);
     }
-    if no_args {
-        if let Err(e) = ask_like_the_original(&mut args) {
-            eprintln!("peer: {e}");
-            return ExitCode::from(2);
-        }
+    if no_args && let Err(e) = ask_like_the_original(&mut args) {
+        eprintln!("peer: {e}");
+        return ExitCode::from(2);
     }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

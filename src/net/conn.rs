@@ -26,6 +26,9 @@ pub enum IoStatus {
 /// Room kept free at the end of the read buffer; also its starting size.
 const READ_CHUNK: usize = 64 << 10;
 
+/// Below this much spare room, compact or grow before reading again.
+const MIN_READ: usize = 16 << 10;
+
 pub struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
@@ -98,13 +101,16 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads until `WouldBlock`, EOF, or `budget` bytes. Grows the buffer only
-    /// to fit the frame at its front, whose length `peek_header` has checked
-    /// against the kind's limit, so a hostile length never buys memory.
+    /// Reads until `WouldBlock`, EOF, `budget` bytes, or a buffer full of
+    /// complete frames (`Budget`: decode them, then call again next turn).
     pub fn fill(&mut self, budget: usize) -> io::Result<IoStatus> {
         let mut read = 0;
         while read < budget {
-            self.make_room();
+            if !self.make_room() {
+                // Full of complete frames: the caller decodes them, then
+                // revisits us (no new edge will come for bytes still queued).
+                return Ok(IoStatus::Budget);
+            }
             match self.stream.read(&mut self.read_buf[self.read_end..]) {
                 Ok(0) => return Ok(IoStatus::Done),
                 Ok(n) => {
@@ -121,27 +127,30 @@ impl Conn {
         Ok(IoStatus::Budget)
     }
 
-    /// Makes sure there is spare room after the buffered bytes: enough for
-    /// the whole frame at the front plus a read's worth. Moves the unread
-    /// tail to the front only when the buffer would otherwise have to grow.
-    fn make_room(&mut self) {
-        let frame_len = match wire::peek_header(&self.read_buf[self.read_start..self.read_end]) {
-            Ok(Some((_, body))) => HEADER_LEN + body,
-            // A bad header is reported by `next_frame`; just read a little.
-            _ => HEADER_LEN,
-        };
-        let want = frame_len.max(READ_CHUNK) + READ_CHUNK;
-        if self.read_buf.len() - self.read_start >= want && self.read_end < self.read_buf.len() {
-            return;
+    /// Makes spare room after the buffered bytes; false if there is none
+    /// because the buffer already holds complete frames to decode first.
+    /// The buffer grows only to fit the frame at its front (plus a read's
+    /// worth), whose length `peek_header` checked against the kind's limit.
+    /// The unread tail moves to the front only when the end is reached.
+    fn make_room(&mut self) -> bool {
+        if self.read_buf.len() - self.read_end >= MIN_READ {
+            return true;
         }
         if self.read_start > 0 {
             self.read_buf.copy_within(self.read_start..self.read_end, 0);
             self.read_end -= self.read_start;
             self.read_start = 0;
         }
+        let frame_len = match wire::peek_header(&self.read_buf[..self.read_end]) {
+            Ok(Some((_, body))) => HEADER_LEN + body,
+            // A bad header is reported by `next_frame`; just read a little.
+            _ => HEADER_LEN,
+        };
+        let want = frame_len.max(READ_CHUNK) + READ_CHUNK;
         if self.read_buf.len() < want {
             self.read_buf.resize(want, 0);
         }
+        self.read_end < self.read_buf.len()
     }
 
     /// The next complete frame, borrowed from the read buffer. Call

@@ -5,7 +5,10 @@ use crate::wire::{FileName, Hash};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Get { name: FileName, hash: Option<Hash> },
+    Get {
+        name: FileName,
+        hash: Option<Hash>,
+    },
     /// `get`/`1` without a name: the next line is the name, as in the original.
     AskName,
     Ls,
@@ -49,7 +52,11 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         ("files", []) => Command::Files,
         ("status", []) => Command::Status,
         ("help" | "?", _) => Command::Help,
-        (verb, _) => return Err(format!("unknown command {verb:?} (or wrong arguments); type help")),
+        (verb, _) => {
+            return Err(format!(
+                "unknown command {verb:?} (or wrong arguments); type help"
+            ));
+        }
     };
     Ok(Some(cmd))
 }

@@ -41,7 +41,7 @@ pub enum DownloadOutcome {
 }
 
 /// What a download may touch in the event loop, lent for one call.
-pub struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     pub now: Instant,
     pub poll: &'a Poll,
     pub conns: &'a mut Slab<PeerConn>,
@@ -71,7 +71,7 @@ struct Source {
     scheduled: bool,
 }
 
-pub struct Download {
+pub(super) struct Download {
     request: GetRequest,
     /// The version being fetched, once chosen.
     target: Option<HolderGroup>,
@@ -170,7 +170,8 @@ impl Download {
         };
         if self.target.is_none() {
             if let Some(local) = ctx.store.by_name(&self.request.name) {
-                let outcome = same_or_clash(&self.request.name, &local.manifest, group.root, ctx.store);
+                let outcome =
+                    same_or_clash(&self.request.name, &local.manifest, group.root, ctx.store);
                 self.outcome = Some(outcome);
                 return;
             }
@@ -217,7 +218,11 @@ impl Download {
             (Some(h), false) => format!(
                 "no peer holds {name} with hash {}; versions on the network: {}",
                 h.short(),
-                groups.iter().map(|g| g.root.short()).collect::<Vec<_>>().join(", ")
+                groups
+                    .iter()
+                    .map(|g| g.root.short())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             _ if self.target.is_some() => {
                 format!("no holder of {name} is reachable (every holder failed or left)")
@@ -238,11 +243,8 @@ impl Download {
                 Token(id.0),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            let conn = Conn::new_registered(
-                stream,
-                holder.addr,
-                Interest::READABLE | Interest::WRITABLE,
-            );
+            let conn =
+                Conn::new_registered(stream, holder.addr, Interest::READABLE | Interest::WRITABLE);
             entry.insert(PeerConn::Source {
                 conn,
                 connected: false,
@@ -264,7 +266,11 @@ impl Download {
                     },
                 );
             }
-            Err(e) => log::warn!("cannot connect to peer {} at {}: {e}", holder.id, holder.addr),
+            Err(e) => log::warn!(
+                "cannot connect to peer {} at {}: {e}",
+                holder.id,
+                holder.addr
+            ),
         }
     }
 
@@ -280,7 +286,11 @@ impl Download {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
-                    log::warn!("cannot connect to peer {} at {}: {e}", source.peer, source.addr);
+                    log::warn!(
+                        "cannot connect to peer {} at {}: {e}",
+                        source.peer,
+                        source.addr
+                    );
                     return self.drop_source(id, ctx);
                 }
             }
@@ -306,11 +316,12 @@ impl Download {
             }
             return;
         }
-        if let (Some(sched), Some(source)) = (self.scheduler.as_mut(), self.sources.get_mut(&id)) {
-            if source.connected && !source.scheduled {
-                source.scheduled = true;
-                sched.add_source(source.id, ctx.now);
-            }
+        if let (Some(sched), Some(source)) = (self.scheduler.as_mut(), self.sources.get_mut(&id))
+            && source.connected
+            && !source.scheduled
+        {
+            source.scheduled = true;
+            sched.add_source(source.id, ctx.now);
         }
         self.drive(ctx);
     }
@@ -351,7 +362,9 @@ impl Download {
                     let peer = source.peer;
                     self.handle_chunk(sid, peer, index, data, ctx.now)
                 }
-                Message::Hello { version, role } => version == PROTOCOL_VERSION && role == Role::Peer,
+                Message::Hello { version, role } => {
+                    version == PROTOCOL_VERSION && role == Role::Peer
+                }
                 Message::Manifest {
                     root,
                     size,
@@ -406,10 +419,19 @@ impl Download {
     }
 
     /// Verifies and stores one chunk. Returns false if the source must go.
-    fn handle_chunk(&mut self, sid: SourceId, peer: PeerId, index: u32, data: &[u8], now: Instant) -> bool {
-        let (Some(sched), Some(manifest), Some(partial)) =
-            (self.scheduler.as_mut(), self.manifest.as_ref(), self.partial.as_mut())
-        else {
+    fn handle_chunk(
+        &mut self,
+        sid: SourceId,
+        peer: PeerId,
+        index: u32,
+        data: &[u8],
+        now: Instant,
+    ) -> bool {
+        let (Some(sched), Some(manifest), Some(partial)) = (
+            self.scheduler.as_mut(),
+            self.manifest.as_ref(),
+            self.partial.as_mut(),
+        ) else {
             return false; // a chunk before the manifest: not something we asked for
         };
         match sched.handle_chunk_arrived(sid, index, now) {
@@ -427,7 +449,11 @@ impl Download {
                     self.outcome = Some(DownloadOutcome::Failed(format!(
                         "cannot write {} into the partial file: {e}{}",
                         self.request.name,
-                        if e.raw_os_error() == Some(libc::ENOSPC) { " (disk full: free some space and run get again; verified chunks are kept)" } else { "" }
+                        if e.raw_os_error() == Some(libc::ENOSPC) {
+                            " (disk full: free some space and run get again; verified chunks are kept)"
+                        } else {
+                            ""
+                        }
                     )));
                     return true;
                 }
@@ -459,21 +485,23 @@ impl Download {
                 return;
             }
         };
-        let have: Vec<bool> = (0..manifest.chunk_count()).map(|i| partial.has(i)).collect();
+        let have: Vec<bool> = (0..manifest.chunk_count())
+            .map(|i| partial.has(i))
+            .collect();
         let have_bytes: u64 = (0..manifest.chunk_count())
             .filter(|&i| have[i as usize])
             .map(|i| manifest.chunk_len(i) as u64)
             .sum();
         let need = manifest.size - have_bytes;
-        if let Ok(free) = store::free_space(&dir) {
-            if free < need {
-                self.outcome = Some(DownloadOutcome::Failed(format!(
-                    "disk full: {} needs {need} more bytes but {} has only {free} free",
-                    self.request.name,
-                    dir.display()
-                )));
-                return;
-            }
+        if let Ok(free) = store::free_space(&dir)
+            && free < need
+        {
+            self.outcome = Some(DownloadOutcome::Failed(format!(
+                "disk full: {} needs {need} more bytes but {} has only {free} free",
+                self.request.name,
+                dir.display()
+            )));
+            return;
         }
         if have_bytes > 0 {
             log::info!(
@@ -485,7 +513,9 @@ impl Download {
         }
         self.resumed_bytes = have_bytes;
         self.scheduler = Some(Scheduler::new(
-            (0..manifest.chunk_count()).map(|i| manifest.chunk_len(i)).collect(),
+            (0..manifest.chunk_count())
+                .map(|i| manifest.chunk_len(i))
+                .collect(),
             &have,
             SchedulerConfig::default(),
         ));
@@ -529,7 +559,9 @@ impl Download {
         while let Some(action) = sched.poll_action() {
             match action {
                 Action::Request { source, index } | Action::Cancel { source, index } => {
-                    let Some(&id) = by_sid.get(&source) else { continue };
+                    let Some(&id) = by_sid.get(&source) else {
+                        continue;
+                    };
                     if let Some(PeerConn::Source { conn, .. }) = ctx.conns.get_mut(id.0) {
                         let msg = if matches!(action, Action::Request { .. }) {
                             Message::GetChunk { root, index }
@@ -542,7 +574,10 @@ impl Download {
                 }
                 Action::DropSource { source, reason } => {
                     if let Some(&id) = by_sid.get(&source) {
-                        log::warn!("dropping source at {:?}: {reason:?}", self.sources.get(&id).map(|s| s.addr));
+                        log::warn!(
+                            "dropping source at {:?}: {reason:?}",
+                            self.sources.get(&id).map(|s| s.addr)
+                        );
                         dropped.push(id);
                     }
                 }
@@ -566,7 +601,8 @@ impl Download {
         if !*connected {
             return;
         }
-        let ok = conn.flush().is_ok() && conn.sync_interest(ctx.poll.registry(), Token(id.0)).is_ok();
+        let ok =
+            conn.flush().is_ok() && conn.sync_interest(ctx.poll.registry(), Token(id.0)).is_ok();
         if !ok {
             self.drop_source(id, ctx);
         }
@@ -580,15 +616,19 @@ impl Download {
 
     /// The source is gone or misbehaved: its chunks go back to the others.
     fn drop_source(&mut self, id: ConnId, ctx: &mut Ctx<'_>) {
-        if let (Some(s), Some(sched)) = (self.sources.get(&id), self.scheduler.as_mut()) {
-            if s.scheduled {
-                sched.remove_source(s.id, ctx.now);
-            }
+        if let (Some(s), Some(sched)) = (self.sources.get(&id), self.scheduler.as_mut())
+            && s.scheduled
+        {
+            sched.remove_source(s.id, ctx.now);
         }
         self.close_source(id, ctx);
         if self.manifest_from == Some(id) {
             self.manifest_from = None;
-            let next = self.sources.iter().find(|(_, s)| s.connected).map(|(&k, _)| k);
+            let next = self
+                .sources
+                .iter()
+                .find(|(_, s)| s.connected)
+                .map(|(&k, _)| k);
             if let Some(next) = next {
                 self.ask_manifest(next, ctx);
             }
@@ -712,14 +752,14 @@ impl Download {
 
     /// Makes verified chunks durable so a crash keeps them.
     pub fn save_progress(&mut self) {
-        if let Some(p) = self.partial.as_mut() {
-            if let Err(e) = p.save_progress() {
-                log::warn!("cannot save download progress: {e}");
-            }
+        if let Some(p) = self.partial.as_mut()
+            && let Err(e) = p.save_progress()
+        {
+            log::warn!("cannot save download progress: {e}");
         }
     }
 
-    pub fn close_sources(&mut self, poll: &Poll, conns: &mut Slab<PeerConn>) {
+    pub(super) fn close_sources(&mut self, poll: &Poll, conns: &mut Slab<PeerConn>) {
         for (id, _) in std::mem::take(&mut self.sources) {
             if let Some(mut pc) = conns.try_remove(id.0) {
                 let conn = pc.conn();
@@ -743,14 +783,23 @@ impl Download {
                     self.sources.len()
                 )
             }
-            _ => format!("{}: locating holders ({} connecting)\n", self.request.name, self.sources.len()),
+            _ => format!(
+                "{}: locating holders ({} connecting)\n",
+                self.request.name,
+                self.sources.len()
+            ),
         }
     }
 }
 
 /// A file of the requested name is already here: done if it is the same
 /// content, an error (never an overwrite) if it is not.
-fn same_or_clash(name: &FileName, local: &Manifest, wanted: Hash, store: &SharedFolder) -> DownloadOutcome {
+fn same_or_clash(
+    name: &FileName,
+    local: &Manifest,
+    wanted: Hash,
+    store: &SharedFolder,
+) -> DownloadOutcome {
     if local.root == wanted {
         DownloadOutcome::AlreadyHave(format!(
             "{name} is already in {} with the same content; nothing to do",

@@ -230,6 +230,7 @@ impl ManagerLink {
     }
 
     pub fn handle_message(&mut self, msg: Message<'_>, now: Instant) {
+        log::trace!("manager link <- {msg:?}");
         if let State::Ready { last_heard } = &mut self.state {
             *last_heard = now;
         }
@@ -395,6 +396,7 @@ impl ManagerLink {
     }
 
     fn send(&mut self, msg: Message<'static>) {
+        log::trace!("manager link -> {msg:?}");
         self.actions.push_back(LinkAction::Send(msg));
     }
 

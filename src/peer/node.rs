@@ -118,7 +118,8 @@ impl Node {
     pub fn new(config: NodeConfig, mode: Mode) -> Result<Node, NodeError> {
         let now = Instant::now();
         let store = SharedFolder::open(&config.dir).map_err(|e| NodeError(e.to_string()))?;
-        let poll = Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
+        let poll =
+            Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
         let mut listener = TcpListener::bind(config.listen).map_err(|e| {
             NodeError(format!(
                 "cannot listen on {}: {e} (pick another --listen)",
@@ -307,7 +308,10 @@ impl Node {
     fn rescan(&mut self) {
         match self.store.rescan() {
             Ok(true) => {
-                log::info!("shared folder changed: {} files", self.store.files().count());
+                log::info!(
+                    "shared folder changed: {} files",
+                    self.store.files().count()
+                );
                 self.open_files.clear();
                 self.link.set_shared(self.store.summaries());
             }
@@ -352,7 +356,9 @@ impl Node {
             }
         }
         match status {
-            Ok(IoStatus::Done) => return self.manager_lost(now, "manager closed the connection".into()),
+            Ok(IoStatus::Done) => {
+                return self.manager_lost(now, "manager closed the connection".into());
+            }
             Err(e) => return self.manager_lost(now, e.to_string()),
             _ => {}
         }
@@ -421,7 +427,11 @@ impl Node {
         match result {
             Ok(stream) => {
                 log::debug!("connecting to the manager at {addr}");
-                self.manager_conn = Some(Conn::new_registered(stream, addr, Interest::READABLE | Interest::WRITABLE));
+                self.manager_conn = Some(Conn::new_registered(
+                    stream,
+                    addr,
+                    Interest::READABLE | Interest::WRITABLE,
+                ));
                 self.manager_connected = false;
             }
             Err(e) => {
@@ -449,7 +459,9 @@ impl Node {
                 if let (Query::WhoHas(_), true) = (&query, self.download.is_some()) {
                     self.with_download(now, |d, ctx| d.handle_query_failed(ctx));
                 } else {
-                    say(&format!("cannot ask the manager ({query:?}): not connected; retrying in the background\n"));
+                    say(&format!(
+                        "cannot ask the manager ({query:?}): not connected; retrying in the background\n"
+                    ));
                 }
             }
             LinkEvent::Lost { retry_in } => {
@@ -485,7 +497,10 @@ impl Node {
                 say("file name: ");
             }
             Command::Ls => say(&super::output::shared_files(&self.store)),
-            Command::Peers => say(&super::output::peer_map(self.link.peers(), self.link.peer_id())),
+            Command::Peers => say(&super::output::peer_map(
+                self.link.peers(),
+                self.link.peer_id(),
+            )),
             Command::Files => {
                 self.link.ask(Query::ListFiles);
                 self.apply_link_actions(now);
@@ -664,12 +679,12 @@ impl Node {
             let Some(req) = session.peek_request().copied() else {
                 break;
             };
-            if let Some(bucket) = self.limiter.as_mut() {
-                if !bucket.try_take(req.len as u64, now) {
-                    let at = bucket.ready_at(req.len as u64, now);
-                    self.limiter_wake = net::earliest(self.limiter_wake, Some(at));
-                    break;
-                }
+            if let Some(bucket) = self.limiter.as_mut()
+                && !bucket.try_take(req.len as u64, now)
+            {
+                let at = bucket.ready_at(req.len as u64, now);
+                self.limiter_wake = net::earliest(self.limiter_wake, Some(at));
+                break;
             }
             let _ = session.pop_request();
             let Some(file) = self.store.by_root(&req.root) else {
@@ -695,7 +710,10 @@ impl Node {
         }
         match failed {
             None => {
-                if conn.sync_interest(self.poll.registry(), Token(id.0)).is_err() {
+                if conn
+                    .sync_interest(self.poll.registry(), Token(id.0))
+                    .is_err()
+                {
                     self.close_peer(id);
                 }
             }
@@ -763,9 +781,12 @@ impl Node {
             revisit: &mut self.revisit,
         };
         f(&mut download, &mut ctx);
-        self.apply_link_actions(now);
         match download.take_outcome() {
-            None => self.download = Some(download),
+            None => {
+                self.download = Some(download);
+                // Only now: a link event drained here may be for the download.
+                self.apply_link_actions(now);
+            }
             Some(DownloadOutcome::Done(summary)) => {
                 download.close_sources(&self.poll, &mut self.conns);
                 say(&summary);

@@ -54,7 +54,11 @@ impl ProgressReport {
         self.next_log = now + LOG_EVERY;
         let secs = now.duration_since(self.started).as_secs_f64().max(1e-3);
         let rate = (done - self.start_bytes.min(done)) as f64 / secs;
-        let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
+        let pct = if self.total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / self.total as f64
+        };
         log::info!(
             "{}: {pct:.0}% ({done} of {} bytes), {:.1} MB/s, {peers} peers",
             self.name,

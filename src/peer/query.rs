@@ -23,7 +23,8 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
             "cannot reach the manager at {manager}: {why} (is it running? see --manager)"
         ))
     };
-    let mut poll = Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
+    let mut poll =
+        Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
     let mut link = ManagerLink::new(LinkMode::QueryOnly, LinkConfig::default(), Instant::now());
     link.ask(query);
     let mut conn: Option<Conn> = None;
@@ -33,7 +34,8 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
         while let Some(action) = link.poll_action() {
             match action {
                 LinkAction::Connect => {
-                    let mut stream = TcpStream::connect(manager).map_err(|e| unreachable(e.to_string()))?;
+                    let mut stream =
+                        TcpStream::connect(manager).map_err(|e| unreachable(e.to_string()))?;
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     poll.registry()
                         .register(&mut stream, MANAGER, interest)
@@ -46,9 +48,15 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
                     }
                 }
                 LinkAction::Close => {}
-                LinkAction::Event(LinkEvent::Peers(peers)) => return Ok(output::peer_entries(&peers, None)),
-                LinkAction::Event(LinkEvent::Files(files)) => return Ok(output::network_files(&files)),
-                LinkAction::Event(LinkEvent::Lost { .. }) => return Err(unreachable("connection lost or refused".into())),
+                LinkAction::Event(LinkEvent::Peers(peers)) => {
+                    return Ok(output::peer_entries(&peers, None));
+                }
+                LinkAction::Event(LinkEvent::Files(files)) => {
+                    return Ok(output::network_files(&files));
+                }
+                LinkAction::Event(LinkEvent::Lost { .. }) => {
+                    return Err(unreachable("connection lost or refused".into()));
+                }
                 LinkAction::Event(LinkEvent::Refused(why)) => return Err(NodeError(why)),
                 LinkAction::Event(_) => {}
             }
@@ -59,10 +67,10 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
                 .map_err(|e| unreachable(e.to_string()))?;
         }
         let now = Instant::now();
-        if let Err(e) = poll.poll(&mut events, net::timeout_until(link.poll_timeout(), now)) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(NodeError(format!("event loop failed: {e}")));
-            }
+        if let Err(e) = poll.poll(&mut events, net::timeout_until(link.poll_timeout(), now))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(NodeError(format!("event loop failed: {e}")));
         }
         let now = Instant::now();
         if !events.is_empty() {
