@@ -17,7 +17,7 @@ use shoal::manager::server::{Server, ServerConfig};
 /// Commands on stdin: `peers`, `files`, `close` (or `c`). Stdin may be
 /// closed or /dev/null; SIGINT or SIGTERM stops it cleanly.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_override_self = true)]
 struct Args {
     /// Address to accept peers on.
     #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR")]

@@ -22,7 +22,7 @@ use shoal::wire::{FileName, Hash};
 /// Started with no arguments at all it asks for a port and a peer number,
 /// like the original, and shares the folder peerN.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_override_self = true)]
 struct Args {
     /// The folder to share; downloads land here too.
     #[arg(long, value_name = "DIR")]

@@ -156,7 +156,15 @@ impl Download {
         if name != self.request.name || self.outcome.is_some() {
             return;
         }
+        // We may be listed as a holder of our own (different) file of that
+        // name: only other peers' copies count.
         let me = ctx.link.peer_id();
+        let mut groups = groups;
+        for g in &mut groups {
+            g.peers.retain(|p| Some(p.id) != me);
+        }
+        groups.retain(|g| !g.peers.is_empty());
+        groups.sort_by(|a, b| b.peers.len().cmp(&a.peers.len()).then(a.root.cmp(&b.root)));
         let chosen = match self.request.hash {
             Some(hash) => groups.iter().find(|g| g.root == hash),
             None => self
@@ -188,7 +196,7 @@ impl Download {
         let holders: Vec<PeerEntry> = group
             .peers
             .iter()
-            .filter(|p| Some(p.id) != me && !self.banned.contains(&p.id))
+            .filter(|p| !self.banned.contains(&p.id))
             .copied()
             .collect();
         self.target = Some(group);

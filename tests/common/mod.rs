@@ -67,7 +67,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
+    pub fn spawn_cmd(mut cmd: Command) -> Proc {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -165,7 +165,7 @@ impl Manager {
             &peer_timeout.to_string(),
             "-v",
         ]);
-        let proc = Proc::spawn(cmd);
+        let proc = Proc::spawn_cmd(cmd);
         let mut addr = None;
         wait_for(WAIT, "manager to listen", || {
             addr = listening_addr(&proc.stderr.text(), "manager listening on ");
@@ -216,7 +216,7 @@ impl Peer {
             .arg(dir)
             .args(["--manager", &manager.to_string(), "--rescan", "1", "-v"])
             .args(extra);
-        let proc = Proc::spawn(cmd);
+        let proc = Proc::spawn_cmd(cmd);
         let mut addr = None;
         wait_for(WAIT, "peer to listen", || {
             addr = listening_addr(&proc.stderr.text(), "peer serving on ");
