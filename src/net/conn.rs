@@ -3,8 +3,12 @@
 //! until `WouldBlock` (or a per-turn budget), and WRITABLE interest is held
 //! only while there are bytes to send.
 
+use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -38,6 +42,9 @@ pub struct Conn {
     read_end: usize,
     write_buf: Vec<u8>,
     write_start: usize,
+    /// Chunk payloads to send straight from files, each after the buffer
+    /// bytes before its position `at`.
+    file_segments: VecDeque<FileSegment>,
     interest: Interest,
 }
 
@@ -51,6 +58,7 @@ impl Conn {
             read_end: 0,
             write_buf: Vec::new(),
             write_start: 0,
+            file_segments: VecDeque::new(),
             interest: Interest::READABLE,
         }
     }
@@ -172,31 +180,56 @@ impl Conn {
         wire::encode(msg, &mut self.write_buf);
     }
 
-    /// The write buffer, for callers that build a frame in place (a chunk
-    /// read from disk straight behind its header).
-    pub fn write_buf_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.write_buf
+    /// Queues a chunk frame whose payload is sent from `file` by the kernel
+    /// (`sendfile`), never copied through our memory: the header goes into
+    /// the write buffer, the payload follows it on the wire.
+    pub fn send_chunk_from_file(&mut self, index: u32, file: Rc<File>, offset: u64, len: u32) {
+        wire::encode_chunk_header(index, len, &mut self.write_buf);
+        self.file_segments.push_back(FileSegment {
+            at: self.write_buf.len(),
+            file,
+            offset,
+            left: len as usize,
+        });
     }
 
+    /// Bytes queued and not yet sent (buffer and file payloads).
     pub fn pending_write_bytes(&self) -> usize {
-        self.write_buf.len() - self.write_start
+        let from_files: usize = self.file_segments.iter().map(|s| s.left).sum();
+        self.write_buf.len() - self.write_start + from_files
     }
 
     pub fn has_pending_writes(&self) -> bool {
         self.pending_write_bytes() > 0
     }
 
-    /// Writes until the buffer is empty or the socket would block.
+    /// Writes until everything queued is sent or the socket would block.
+    /// Buffer bytes and file payloads go out in the order they were queued.
     pub fn flush(&mut self) -> io::Result<IoStatus> {
-        while self.write_start < self.write_buf.len() {
-            match self.stream.write(&self.write_buf[self.write_start..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.write_start += n,
-                Err(e) => match e.kind() {
+        loop {
+            let buffered_until = self
+                .file_segments
+                .front()
+                .map_or(self.write_buf.len(), |seg| seg.at);
+            let result = if self.write_start < buffered_until {
+                self.stream
+                    .write(&self.write_buf[self.write_start..buffered_until])
+                    .map(|n| self.write_start += n)
+            } else if let Some(seg) = self.file_segments.front_mut() {
+                let sent = send_file_segment(&self.stream, seg);
+                if seg.left == 0 {
+                    self.file_segments.pop_front();
+                }
+                sent
+            } else {
+                break;
+            };
+            if let Err(e) = result {
+                match e.kind() {
                     io::ErrorKind::WouldBlock => return Ok(IoStatus::WouldBlock),
                     io::ErrorKind::Interrupted => continue,
                     _ => return Err(e),
-                },
+                }
             }
         }
         self.write_buf.clear();
@@ -221,5 +254,41 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Part of a file still to be sent, after `at` bytes of the write buffer.
+struct FileSegment {
+    at: usize,
+    file: Rc<File>,
+    offset: u64,
+    left: usize,
+}
+
+/// One `sendfile(2)` call: page cache to socket, no copy through user space.
+fn send_file_segment(stream: &TcpStream, seg: &mut FileSegment) -> io::Result<()> {
+    let mut offset = seg.offset as libc::off_t;
+    // SAFETY: both descriptors are open for the duration of the call, and
+    // `offset` is a valid pointer the kernel updates.
+    let n = unsafe {
+        libc::sendfile(
+            stream.as_raw_fd(),
+            seg.file.as_raw_fd(),
+            &mut offset,
+            seg.left.min(1 << 30),
+        )
+    };
+    match n {
+        n if n > 0 => {
+            seg.offset += n as u64;
+            seg.left -= n as usize;
+            Ok(())
+        }
+        // The file shrank under us: the frame cannot be completed.
+        0 => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "shared file shrank while a chunk of it was being sent",
+        )),
+        _ => Err(io::Error::last_os_error()),
     }
 }

@@ -1,9 +1,11 @@
 //! Open file handles for serving, kept across requests: opening the file
-//! once per chunk would cost two syscalls per chunk for nothing.
+//! once per chunk would cost two syscalls per chunk for nothing. Handles are
+//! reference-counted because a chunk being sent from a file keeps it open.
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::rc::Rc;
 
 use super::serve::Catalog;
 use crate::store::{Manifest, SharedFolder};
@@ -11,8 +13,8 @@ use crate::wire::{FileName, Hash};
 
 pub struct OpenFiles {
     capacity: usize,
-    /// Most recently used last.
-    files: Vec<(Hash, File)>,
+    /// Most recently used last. Shared with chunk sends still in progress.
+    files: Vec<(Hash, Rc<File>)>,
 }
 
 impl OpenFiles {
@@ -24,7 +26,7 @@ impl OpenFiles {
     }
 
     /// The open handle for the file with `root`, opening `path` if needed.
-    pub fn get(&mut self, root: &Hash, path: &Path) -> io::Result<&File> {
+    pub fn get(&mut self, root: &Hash, path: &Path) -> io::Result<Rc<File>> {
         if let Some(pos) = self.files.iter().position(|(r, _)| r == root) {
             let entry = self.files.remove(pos);
             self.files.push(entry);
@@ -32,10 +34,10 @@ impl OpenFiles {
             if self.files.len() >= self.capacity {
                 self.files.remove(0);
             }
-            self.files.push((*root, File::open(path)?));
+            self.files.push((*root, Rc::new(File::open(path)?)));
         }
         // The entry was pushed just above.
-        Ok(&self.files.last().expect("entry just pushed").1)
+        Ok(self.files.last().expect("entry just pushed").1.clone())
     }
 
     /// Forget every handle (the folder changed: a path may now be another file).

@@ -6,7 +6,6 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -691,21 +690,12 @@ impl Node {
                 failed = Some(format!("file {} is no longer shared", req.root.short()));
                 break;
             };
-            let result = self.open_files.get(&req.root, &file.path).and_then(|f| {
-                let buf = conn.write_buf_mut();
-                let start = buf.len();
-                wire::encode_chunk_header(req.index, req.len, buf);
-                let data_at = buf.len();
-                buf.resize(data_at + req.len as usize, 0);
-                let read = f.read_exact_at(&mut buf[data_at..], req.offset);
-                if read.is_err() {
-                    buf.truncate(start);
+            match self.open_files.get(&req.root, &file.path) {
+                Ok(f) => conn.send_chunk_from_file(req.index, f, req.offset, req.len),
+                Err(e) => {
+                    failed = Some(format!("cannot open {}: {e}", file.name));
+                    break;
                 }
-                read
-            });
-            if let Err(e) = result {
-                failed = Some(format!("cannot read {}: {e}", file.name));
-                break;
             }
         }
         match failed {
