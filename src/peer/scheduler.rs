@@ -1,1 +1,0 @@
-//! Download scheduler core (pure).
