@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::{ChunkState, Scheduler, SourceId};
+use super::{ChunkState, Scheduler, Source, SourceId};
 
 /// An in-flight chunk that could be duplicated in the endgame.
 struct Candidate {
@@ -23,6 +23,10 @@ impl Scheduler {
     /// Gives spare capacity, fastest source first, duplicates of the chunks
     /// expected to arrive last, if the duplicate is expected to come sooner.
     pub(super) fn fill_endgame(&mut self, now: Instant) {
+        let spare = |s: &Source| s.in_flight() < self.target_depth(s) as usize;
+        if !self.sources.values().any(spare) {
+            return;
+        }
         let mut candidates = self.endgame_candidates(now);
         if candidates.is_empty() {
             return;

@@ -60,7 +60,6 @@ fn pipeline_grows_for_a_fast_source_and_not_for_a_slow_one() {
     s.add_source(A, t);
     s.add_source(B, t);
     drain(&mut s);
-    let mut next_a = 0..;
     let mut queue_a: VecDeque<u32> = (0..4).collect();
     let mut queue_b: VecDeque<u32> = (4..8).collect();
     // A delivers a chunk every millisecond after a 50 ms round trip, B one
@@ -80,7 +79,6 @@ fn pipeline_grows_for_a_fast_source_and_not_for_a_slow_one() {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        next_a.next();
     }
     let a = s.source_stats(A).unwrap();
     let b = s.source_stats(B).unwrap();
