@@ -1,10 +1,10 @@
-//! The scheduler's invariants (docs/STATE.md, "Download scheduler"), checked
+//! The scheduler's invariants (docs/state/download-scheduler.md, "Download scheduler"), checked
 //! in full: the simulation runs this after every step.
 
 use super::{Action, ChunkState, Scheduler};
 
 impl Scheduler {
-    /// Checks the invariants listed in `docs/STATE.md`; O(chunks + in
+    /// Checks the invariants listed in `docs/state/download-scheduler.md`; O(chunks + in
     /// flight). For tests and debugging.
     pub fn check_invariants(&self) -> Result<(), String> {
         let (mut missing, mut done, mut bytes, mut copies) = (0usize, 0u32, 0u64, 0usize);

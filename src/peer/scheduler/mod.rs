@@ -7,7 +7,7 @@
 //! [`Scheduler::poll_timeout`].
 //!
 //! - Every chunk is Missing, InFlight (at one or more sources) or Done; the
-//!   states and invariants are in `docs/STATE.md`, "Download scheduler".
+//!   states and invariants are in `docs/state/download-scheduler.md`, "Download scheduler".
 //! - Each source's pipeline is kept about `rate * target_window` bytes deep,
 //!   from its measured inter-arrival time, so a fast source serves more chunks
 //!   and a lone source never waits a round trip per chunk.
