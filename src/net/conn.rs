@@ -30,6 +30,9 @@ pub enum IoStatus {
 /// Room kept free at the end of the read buffer; also its starting size.
 const READ_CHUNK: usize = 64 << 10;
 
+/// An empty read buffer larger than this is freed.
+const SHRINK_ABOVE: usize = 1 << 20;
+
 /// Below this much spare room, compact or grow before reading again.
 const MIN_READ: usize = 16 << 10;
 
@@ -172,6 +175,11 @@ impl Conn {
         if self.read_start == self.read_end {
             self.read_start = 0;
             self.read_end = 0;
+            // A big frame (a manifest) grew the buffer; give it back rather
+            // than hold megabytes for the rest of the connection's life.
+            if self.read_buf.len() > SHRINK_ABOVE {
+                self.read_buf = Vec::new();
+            }
         }
     }
 

@@ -736,6 +736,21 @@ impl Download {
         let (Some(partial), Some(manifest)) = (self.partial.take(), self.manifest.as_ref()) else {
             return;
         };
+        if let Some(sched) = self.scheduler.as_ref() {
+            for s in self.sources.values() {
+                if let Some(st) = sched.source_stats(s.id) {
+                    log::debug!(
+                        "source {} at {}: {} chunks, {:.0} MB/s, depth {}, best latency {:?}",
+                        s.peer,
+                        s.addr,
+                        st.chunks_received,
+                        st.rate.unwrap_or(0.0) / 1e6,
+                        st.target_depth,
+                        st.min_latency
+                    );
+                }
+            }
+        }
         let secs = ctx.now.duration_since(self.started).as_secs_f64().max(1e-6);
         let fetched = manifest.size - self.resumed_bytes;
         let outcome = match partial.finish(ctx.store.dir(), &self.request.name) {

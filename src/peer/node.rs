@@ -207,7 +207,7 @@ impl Node {
             }
             let now = Instant::now();
             for id in std::mem::take(&mut self.revisit) {
-                self.handle_peer_readable(id, now);
+                self.handle_peer_readable(id, Instant::now());
             }
             for event in events.iter() {
                 self.handle_event(event, now);
@@ -241,6 +241,9 @@ impl Node {
                 }
             }
             Token(key) => {
+                // Fresh per connection: one turn may read many chunks, and
+                // the scheduler's rate and latency samples need their times.
+                let now = Instant::now();
                 let id = ConnId(key);
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     self.handle_peer_readable(id, now);

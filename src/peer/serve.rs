@@ -29,7 +29,8 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
-            max_queue: 256,
+            // Matches the downloader's pipeline cap (512), with room to spare.
+            max_queue: 1024,
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
         }

@@ -51,6 +51,9 @@ pub struct SchedulerConfig {
     /// Keep about `rate * target_window` bytes in flight per source: long
     /// enough to cover the round trip, short enough to keep the tail short.
     pub target_window: Duration,
+    /// Added to twice the best observed latency when sizing the window:
+    /// covers jitter (scheduling, a disk read) on a fast link.
+    pub latency_margin: Duration,
     /// Chunks in flight per source at least, however slow it is.
     pub min_inflight: u32,
     /// Chunks in flight per source before its rate is known.
@@ -66,9 +69,10 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             stall_timeout: Duration::from_secs(5),
             target_window: Duration::from_millis(250),
-            min_inflight: 2,
+            latency_margin: Duration::from_micros(500),
+            min_inflight: 4,
             initial_inflight: 4,
-            max_inflight: 64,
+            max_inflight: 512,
             max_endgame_duplicates: 2,
         }
     }
@@ -143,6 +147,8 @@ pub struct Progress {
 /// One source's share of the work, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SourceStats {
+    /// Shortest request-to-chunk time seen (about one round trip).
+    pub min_latency: Option<Duration>,
     /// Chunks from it that passed the hash check.
     pub chunks_received: u64,
     pub bytes_received: u64,
@@ -408,6 +414,7 @@ impl Scheduler {
             rate: s.rate(),
             in_flight: s.in_flight() as u32,
             target_depth: self.target_depth(s),
+            min_latency: s.min_latency,
         })
     }
 
@@ -415,16 +422,24 @@ impl Scheduler {
         self.config.max_endgame_duplicates.max(1) as usize
     }
 
-    /// clamp(rate * target_window / avg_len, min, max); `initial_inflight`
-    /// before the rate is known.
+    /// clamp(rate * window / avg_len, min, max), `initial_inflight` before
+    /// the rate is known. The window is twice the source's best latency plus
+    /// a margin (two bandwidth-delay products: the pipe stays full and the
+    /// rate can double per round trip while it grows), at most
+    /// `target_window`. More than that only queues bytes in socket buffers,
+    /// where they go cold before the hash reads them: measured on loopback,
+    /// 16 chunks in flight ran at 1340 MB/s, 128 at 830-975.
     fn target_depth(&self, s: &Source) -> u32 {
         let c = &self.config;
         let max = c.max_inflight.max(1);
         let min = c.min_inflight.clamp(1, max);
+        let window = s.min_latency.map_or(c.target_window, |l| {
+            (l * 2 + c.latency_margin).min(c.target_window)
+        });
         match s.rate() {
             None => c.initial_inflight.clamp(min, max),
             Some(rate) => {
-                let depth = (rate * c.target_window.as_secs_f64() / self.avg_len).ceil();
+                let depth = (rate * window.as_secs_f64() / self.avg_len).ceil();
                 // Float to int saturates (NaN gives 0), then the clamp holds.
                 (depth.min(f64::from(max)) as u32).clamp(min, max)
             }

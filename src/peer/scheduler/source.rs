@@ -46,6 +46,14 @@ pub(super) struct Source {
     /// EWMA of seconds per byte (averaging time, not rate, keeps bursts from
     /// inflating it); `None` until the first verified chunk.
     secs_per_byte: Option<f64>,
+    /// Shortest time from a request to its chunk seen so far: about a round
+    /// trip plus one chunk's service time, free of queueing (which only
+    /// lengthens a sample).
+    pub min_latency: Option<Duration>,
+    /// Bytes of chunks that arrived at the same instant as the previous one
+    /// (the shell timestamps a whole batch read in one go alike); they are
+    /// counted into the next sample with a real interval.
+    batched_bytes: u64,
     pub chunks_received: u64,
     pub bytes_received: u64,
 }
@@ -57,6 +65,8 @@ impl Source {
             cancelled: BTreeSet::new(),
             last_arrival: None,
             secs_per_byte: None,
+            min_latency: None,
+            batched_bytes: 0,
             chunks_received: 0,
             bytes_received: 0,
         }
@@ -132,6 +142,8 @@ impl Source {
     pub fn record_arrival(&mut self, index: u32, now: Instant) {
         let last = self.last_arrival;
         if let Some(req) = self.inflight.iter_mut().find(|r| r.index == index) {
+            let latency = now.saturating_duration_since(req.sent);
+            self.min_latency = Some(self.min_latency.map_or(latency, |m| m.min(latency)));
             let start = last.map_or(req.sent, |l| l.max(req.sent));
             req.arrived = Some(Sample {
                 interval: now.saturating_duration_since(start),
@@ -153,7 +165,12 @@ impl Source {
         if len == 0 {
             return;
         }
-        let spb = (sample.interval.as_secs_f64() / f64::from(len)).max(MIN_SECS_PER_BYTE);
+        if sample.interval.is_zero() {
+            self.batched_bytes += u64::from(len);
+            return;
+        }
+        let bytes = u64::from(len) + std::mem::take(&mut self.batched_bytes);
+        let spb = (sample.interval.as_secs_f64() / bytes as f64).max(MIN_SECS_PER_BYTE);
         self.secs_per_byte = Some(match self.secs_per_byte {
             None => spb,
             // A starved sample can only say "at least this fast".

@@ -8,8 +8,20 @@ fn ms(base: Instant, n: u64) -> Instant {
     base + Duration::from_millis(n)
 }
 
+/// The depth rule without the latency bound (the window is always
+/// `target_window`) and with small depth limits, so hand-made timings give
+/// exact depths. The latency bound has its own test.
+fn rate_only_config() -> SchedulerConfig {
+    SchedulerConfig {
+        latency_margin: Duration::from_millis(250),
+        min_inflight: 2,
+        max_inflight: 64,
+        ..SchedulerConfig::default()
+    }
+}
+
 fn new_sched(count: usize) -> Scheduler {
-    Scheduler::new(vec![LEN; count], &[], SchedulerConfig::default())
+    Scheduler::new(vec![LEN; count], &[], rate_only_config())
 }
 
 fn drain(s: &mut Scheduler) -> Vec<Action> {
@@ -104,7 +116,7 @@ fn a_starved_sample_cannot_lower_the_rate() {
         min_inflight: 1,
         initial_inflight: 1,
         max_inflight: 1,
-        ..SchedulerConfig::default()
+        ..rate_only_config()
     };
     let mut s = Scheduler::new(vec![LEN; 10], &[], config);
     s.add_source(A, t);
@@ -121,7 +133,7 @@ fn a_starved_sample_cannot_lower_the_rate() {
 fn resumed_chunks_are_never_requested() {
     let t = Instant::now();
     let have: Vec<bool> = (0..12).map(|i| i % 3 == 0).collect();
-    let mut s = Scheduler::new(vec![LEN; 12], &have, SchedulerConfig::default());
+    let mut s = Scheduler::new(vec![LEN; 12], &have, rate_only_config());
     assert_eq!(s.progress().chunks_done, 4);
     assert_eq!(s.progress().bytes_done, 4 * u64::from(LEN));
     s.add_source(A, t);
@@ -152,12 +164,12 @@ fn resumed_chunks_are_never_requested() {
 #[test]
 fn nothing_to_do_when_everything_is_here() {
     let t = Instant::now();
-    let mut s = Scheduler::new(vec![LEN, 5], &[true, true], SchedulerConfig::default());
+    let mut s = Scheduler::new(vec![LEN, 5], &[true, true], rate_only_config());
     assert!(s.is_complete());
     s.add_source(A, t);
     assert!(drain(&mut s).is_empty());
     assert_eq!(s.poll_timeout(), None);
-    let empty = Scheduler::new(Vec::new(), &[], SchedulerConfig::default());
+    let empty = Scheduler::new(Vec::new(), &[], rate_only_config());
     assert!(empty.is_complete());
     assert_eq!(empty.progress().bytes_total, 0);
 }
@@ -208,7 +220,7 @@ fn endgame_spares_a_fresh_fast_holder_then_rechecks() {
     let t = Instant::now();
     let config = SchedulerConfig {
         max_inflight: 4,
-        ..SchedulerConfig::default()
+        ..rate_only_config()
     };
     let mut s = Scheduler::new(vec![LEN; 12], &[], config);
     s.add_source(B, t);
@@ -433,4 +445,38 @@ fn a_drop_withdraws_the_requests_not_yet_polled() {
             reason: DropReason::Unrequested
         }]
     );
+}
+
+#[test]
+fn the_window_follows_the_best_latency_not_the_fixed_window() {
+    // A source one millisecond away that could deliver a chunk every 0.1 ms
+    // (655 MB/s): each request is answered 1 ms after it was sent, at most
+    // one chunk per 0.1 ms.
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(vec![LEN; 20_000], &[], SchedulerConfig::default());
+    s.add_source(A, t0);
+    let mut pending: std::collections::VecDeque<(u32, Instant)> = requests_to(&drain(&mut s), A)
+        .into_iter()
+        .map(|i| (i, t0))
+        .collect();
+    let mut now = t0;
+    for _ in 0..3000 {
+        now += Duration::from_micros(100);
+        if let Some(&(index, sent)) = pending.front()
+            && sent + Duration::from_millis(1) <= now
+        {
+            pending.pop_front();
+            deliver(&mut s, A, index, now);
+        }
+        pending.extend(requests_to(&drain(&mut s), A).into_iter().map(|i| (i, now)));
+    }
+    let stats = s.source_stats(A).unwrap();
+    let latency = stats.min_latency.expect("latency measured");
+    assert!(latency >= Duration::from_millis(1), "{latency:?}");
+    // Enough in flight to cover the round trip: the pipe is full...
+    assert!(stats.target_depth >= 10, "{stats:?}");
+    // ...but sized by 2 * latency + 0.5 ms, not by rate * 250 ms (~2500).
+    assert!(stats.target_depth <= 40, "{stats:?}");
+    let rate = stats.rate.expect("rate measured");
+    assert!(rate > 500e6, "the source ran near its pace: {rate}");
 }
