@@ -8,9 +8,10 @@
 //!
 //! - Every chunk is Missing, InFlight (at one or more sources) or Done; the
 //!   states and invariants are in `docs/state/download-scheduler.md`, "Download scheduler".
-//! - Each source's pipeline is kept about `rate * target_window` bytes deep,
-//!   from its measured inter-arrival time, so a fast source serves more chunks
-//!   and a lone source never waits a round trip per chunk.
+//! - Each source's pipeline is kept about `rate * window` bytes deep, the
+//!   window being twice its best observed latency plus a margin: a fast
+//!   source serves more chunks, a lone source never waits a round trip per
+//!   chunk, and no more bytes sit in socket buffers than the link needs.
 //! - Missing chunks go out lowest index first, so disk writes stay local.
 //! - Endgame: once nothing is Missing, spare capacity duplicates the chunks
 //!   expected to arrive last; the first good copy cancels the others.
@@ -48,8 +49,8 @@ impl fmt::Display for SourceId {
 pub struct SchedulerConfig {
     /// A source owing a chunk that sends none for this long is dropped.
     pub stall_timeout: Duration,
-    /// Keep about `rate * target_window` bytes in flight per source: long
-    /// enough to cover the round trip, short enough to keep the tail short.
+    /// Upper bound of the window: at most `rate * target_window` bytes in
+    /// flight per source, whatever the latency.
     pub target_window: Duration,
     /// Added to twice the best observed latency when sizing the window:
     /// covers jitter (scheduling, a disk read) on a fast link.
