@@ -385,3 +385,95 @@ fn chunks_past_4_gib_are_served_from_the_right_offset() {
     assert_eq!(chunk, expected);
     assert!(chunk.iter().any(|&b| b != 0), "the known bytes, not a hole");
 }
+
+#[test]
+fn the_most_held_version_is_fetched_unless_a_hash_names_another() {
+    let manager = Manager::start(0.5, 3.0);
+    let (_a, common) = source_file(2 * MIB, 10);
+    let (_b, rare) = source_file(2 * MIB + 1, 11);
+    let (_d1, _p1) = seeder(manager.addr, &common, "v.bin", &[]);
+    let (_d2, _p2) = seeder(manager.addr, &common, "v.bin", &[]);
+    let (_d3, _p3) = seeder(manager.addr, &rare, "v.bin", &[]);
+    wait_holders(manager.addr, "v.bin", 2);
+    wait_holders(manager.addr, "v.bin", 1);
+
+    let dl = TempDir::new().unwrap();
+    let (ok, _, err) = get(dl.path(), manager.addr, "v.bin");
+    assert!(ok, "{err}");
+    assert!(
+        same_bytes(&common, &dl.path().join("v.bin")),
+        "the majority version"
+    );
+
+    let rare_root = shoal::store::hash_file(&std::fs::File::open(&rare).unwrap(), 2 * MIB + 1)
+        .unwrap()
+        .root
+        .to_hex();
+    let dl2 = TempDir::new().unwrap();
+    let mut p = spawn_get(dl2.path(), manager.addr, "v.bin", &["--hash", &rare_root]);
+    let status = p.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{}", p.stderr.text());
+    assert!(
+        same_bytes(&rare, &dl2.path().join("v.bin")),
+        "the version --hash named"
+    );
+
+    // A hash nobody holds: a clear error naming the versions there are.
+    let dl3 = TempDir::new().unwrap();
+    let mut p = spawn_get(
+        dl3.path(),
+        manager.addr,
+        "v.bin",
+        &["--hash", &"ab".repeat(32)],
+    );
+    let status = p.wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(
+        p.stderr.text().contains("versions on the network"),
+        "{}",
+        p.stderr.text()
+    );
+}
+
+/// A tmpfs of `size` mounted on a fresh temp folder; unmounted on drop.
+struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = TempDir::new().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_and_nothing_is_lost() {
+    let Some(disk) = SmallDisk::mount("4m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let manager = Manager::start(0.5, 3.0);
+    let (_s, src) = source_file(16 * MIB, 12);
+    let (_d1, _p1) = seeder(manager.addr, &src, "big.bin", &[]);
+    wait_holders(manager.addr, "big.bin", 1);
+    std::fs::write(disk.0.path().join("keep.txt"), b"already here").unwrap();
+
+    let (ok, _, err) = get(disk.0.path(), manager.addr, "big.bin");
+    assert!(!ok, "a 16 MiB file cannot fit on a 4 MiB disk");
+    assert!(err.contains("disk full"), "{err}");
+    assert!(!disk.0.path().join("big.bin").exists());
+    assert_eq!(
+        std::fs::read(disk.0.path().join("keep.txt")).unwrap(),
+        b"already here"
+    );
+}
