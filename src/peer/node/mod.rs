@@ -4,24 +4,27 @@
 //! pure cores ([`ManagerLink`], [`ServeSession`], the download [`Scheduler`]);
 //! this file moves bytes between them, the sockets and the disk.
 
+mod manager_conn;
+mod serving;
+
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::commands::{self, Command};
 use super::download::{Download, DownloadOutcome, GetRequest};
 use super::files::OpenFiles;
-use super::link::{LinkAction, LinkConfig, LinkEvent, LinkMode, ManagerLink, Query};
+use super::link::{LinkConfig, LinkMode, ManagerLink, Query};
 use super::ratelimit::TokenBucket;
-use super::serve::{ServeAction, ServeConfig, ServeSession};
-use crate::net::{self, Conn, ConnId, IoStatus, StdinLines};
+use super::serve::ServeSession;
+use crate::net::{self, Conn, ConnId, StdinLines};
 use crate::store::SharedFolder;
-use crate::wire::{self, ErrorCode, Message};
+use crate::wire;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const MANAGER: Token = Token(usize::MAX - 2);
@@ -322,162 +325,6 @@ impl Node {
         }
     }
 
-    // ---- manager connection ----
-
-    fn handle_manager_event(&mut self, event: &mio::event::Event, now: Instant) {
-        let Some(conn) = self.manager_conn.as_mut() else {
-            return;
-        };
-        if !self.manager_connected {
-            match conn.is_connected() {
-                Ok(true) => {
-                    self.manager_connected = true;
-                    log::debug!("connected to the manager at {}", self.config.manager);
-                    self.link.handle_connected(now);
-                }
-                Ok(false) if !event.is_error() && !event.is_write_closed() => return,
-                Ok(false) => return self.manager_lost(now, "connection refused".into()),
-                Err(e) => return self.manager_lost(now, e.to_string()),
-            }
-        }
-        let Some(conn) = self.manager_conn.as_mut() else {
-            return;
-        };
-        let status = conn.fill(net::READ_BUDGET);
-        loop {
-            let Some(conn) = self.manager_conn.as_mut() else {
-                return;
-            };
-            match conn.next_frame() {
-                Ok(Some((msg, used))) => {
-                    self.link.handle_message(msg, now);
-                    conn.consume(used);
-                }
-                Ok(None) => break,
-                Err(e) => return self.manager_lost(now, format!("bad frame: {e}")),
-            }
-        }
-        match status {
-            Ok(IoStatus::Done) => {
-                return self.manager_lost(now, "manager closed the connection".into());
-            }
-            Err(e) => return self.manager_lost(now, e.to_string()),
-            _ => {}
-        }
-        self.apply_link_actions(now);
-        self.flush_manager(now);
-    }
-
-    fn manager_lost(&mut self, now: Instant, why: String) {
-        if let Some(mut conn) = self.manager_conn.take() {
-            conn.deregister(self.poll.registry());
-        }
-        self.manager_connected = false;
-        log::debug!("manager connection lost: {why}");
-        self.link.handle_disconnected(now);
-        self.apply_link_actions(now);
-    }
-
-    fn flush_manager(&mut self, now: Instant) {
-        let Some(conn) = self.manager_conn.as_mut() else {
-            return;
-        };
-        if !self.manager_connected {
-            return;
-        }
-        if let Err(e) = conn
-            .flush()
-            .and_then(|_| conn.sync_interest(self.poll.registry(), MANAGER))
-        {
-            self.manager_lost(now, e.to_string());
-        }
-    }
-
-    fn apply_link_actions(&mut self, now: Instant) {
-        while let Some(action) = self.link.poll_action() {
-            match action {
-                LinkAction::Connect => self.connect_manager(now),
-                LinkAction::Send(msg) => {
-                    if let Some(conn) = self.manager_conn.as_mut() {
-                        conn.send(&msg);
-                    }
-                }
-                LinkAction::Close => {
-                    if let Some(mut conn) = self.manager_conn.take() {
-                        conn.deregister(self.poll.registry());
-                        conn.flush_and_close();
-                    }
-                    self.manager_connected = false;
-                }
-                LinkAction::Event(event) => self.handle_link_event(event, now),
-            }
-        }
-        self.flush_manager(now);
-    }
-
-    fn connect_manager(&mut self, now: Instant) {
-        let addr = self.config.manager;
-        let result = TcpStream::connect(addr).and_then(|mut stream| {
-            let _ = stream.set_nodelay(true);
-            self.poll.registry().register(
-                &mut stream,
-                MANAGER,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(stream)
-        });
-        match result {
-            Ok(stream) => {
-                log::debug!("connecting to the manager at {addr}");
-                self.manager_conn = Some(Conn::new_registered(
-                    stream,
-                    addr,
-                    Interest::READABLE | Interest::WRITABLE,
-                ));
-                self.manager_connected = false;
-            }
-            Err(e) => {
-                log::debug!("cannot connect to the manager at {addr}: {e}");
-                self.link.handle_disconnected(now);
-            }
-        }
-    }
-
-    fn handle_link_event(&mut self, event: LinkEvent, now: Instant) {
-        match event {
-            LinkEvent::Registered(_) | LinkEvent::PeersChanged => {
-                if self.download.is_some() {
-                    self.with_download(now, |d, ctx| d.handle_peers_changed(ctx));
-                }
-            }
-            LinkEvent::Holders(name, groups) => {
-                if self.download.is_some() {
-                    self.with_download(now, |d, ctx| d.handle_holders(name, groups, ctx));
-                }
-            }
-            LinkEvent::Files(files) => say(&super::output::network_files(&files)),
-            LinkEvent::Peers(peers) => say(&super::output::peer_entries(&peers, None)),
-            LinkEvent::QueryFailed(query) => {
-                if let (Query::WhoHas(_), true) = (&query, self.download.is_some()) {
-                    self.with_download(now, |d, ctx| d.handle_query_failed(ctx));
-                } else {
-                    say(&format!(
-                        "cannot ask the manager ({query:?}): not connected; retrying in the background\n"
-                    ));
-                }
-            }
-            LinkEvent::Lost { retry_in } => {
-                log::warn!(
-                    "lost the manager at {}; retrying in {retry_in:?}",
-                    self.config.manager
-                );
-            }
-            LinkEvent::Refused(why) => log::error!("{why}"),
-        }
-    }
-
-    // ---- stdin ----
-
     fn handle_line(&mut self, line: &str, now: Instant) {
         if std::mem::take(&mut self.awaiting_name) && !line.is_empty() {
             return self.handle_line(&format!("get {line}"), now);
@@ -537,197 +384,6 @@ impl Node {
             pc.conn().flush_and_close();
         }
     }
-
-    // ---- peer connections ----
-
-    fn accept_all(&mut self, now: Instant) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let serving = self
-                        .conns
-                        .iter()
-                        .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
-                        .count();
-                    let mut conn = Conn::new(stream, addr);
-                    if serving >= self.config.max_conns {
-                        log::warn!("refusing {addr}: already serving {serving} connections");
-                        conn.send(&Message::Error {
-                            code: ErrorCode::Busy,
-                            reason: format!("this peer serves at most {serving} connections"),
-                        });
-                        conn.flush_and_close();
-                        continue;
-                    }
-                    let entry = self.conns.vacant_entry();
-                    let id = ConnId(entry.key());
-                    if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
-                        log::warn!("cannot register {addr}: {e}");
-                        continue;
-                    }
-                    log::debug!("serving {addr} on connection {}", id.0);
-                    entry.insert(PeerConn::Serving {
-                        conn,
-                        session: ServeSession::new(ServeConfig::default(), now),
-                    });
-                    self.apply_serve_actions(id);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    break;
-                }
-            }
-        }
-    }
-
-    fn handle_peer_readable(&mut self, id: ConnId, now: Instant) {
-        match self.conns.get(id.0) {
-            Some(PeerConn::Serving { .. }) => self.handle_serving_readable(id, now),
-            Some(PeerConn::Source { .. }) => {
-                self.with_download(now, |d, ctx| d.handle_source_readable(id, ctx));
-            }
-            None => {}
-        }
-    }
-
-    fn handle_peer_writable(&mut self, id: ConnId, now: Instant) {
-        match self.conns.get(id.0) {
-            Some(PeerConn::Serving { .. }) => self.pump_serving(id, now),
-            Some(PeerConn::Source { .. }) => {
-                self.with_download(now, |d, ctx| d.handle_source_writable(id, ctx));
-            }
-            None => {}
-        }
-    }
-
-    fn handle_serving_readable(&mut self, id: ConnId, now: Instant) {
-        let Some(PeerConn::Serving { conn, session }) = self.conns.get_mut(id.0) else {
-            return;
-        };
-        let status = conn.fill(net::READ_BUDGET);
-        loop {
-            match conn.next_frame() {
-                Ok(Some((msg, used))) => {
-                    session.handle_message(msg, &self.store, now);
-                    conn.consume(used);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("{}: {e}; closing", conn.peer_addr());
-                    let code = match e {
-                        wire::DecodeError::BadFileName(_) => ErrorCode::NotFound,
-                        _ => ErrorCode::Protocol,
-                    };
-                    conn.send(&Message::Error {
-                        code,
-                        reason: e.to_string(),
-                    });
-                    self.close_peer(id);
-                    return;
-                }
-            }
-        }
-        match status {
-            Ok(IoStatus::WouldBlock) => {}
-            Ok(IoStatus::Budget) => self.revisit.push(id),
-            Ok(IoStatus::Done) | Err(_) => {
-                log::debug!("{} closed", conn.peer_addr());
-                self.close_peer(id);
-                return;
-            }
-        }
-        if self.apply_serve_actions(id) {
-            self.pump_serving(id, now);
-        }
-    }
-
-    /// Sends what the session queued; returns false if it closed the connection.
-    fn apply_serve_actions(&mut self, id: ConnId) -> bool {
-        let Some(PeerConn::Serving { conn, session }) = self.conns.get_mut(id.0) else {
-            return false;
-        };
-        let mut close = false;
-        while let Some(action) = session.poll_action() {
-            match action {
-                ServeAction::Send(msg) => conn.send(&msg),
-                ServeAction::Close => close = true,
-            }
-        }
-        if close {
-            self.close_peer(id);
-            return false;
-        }
-        true
-    }
-
-    /// Moves queued chunk requests from disk into the socket, as far as the
-    /// socket drains and the upload limit allows.
-    fn pump_serving(&mut self, id: ConnId, now: Instant) {
-        let Some(PeerConn::Serving { conn, session }) = self.conns.get_mut(id.0) else {
-            return;
-        };
-        let mut failed = None;
-        loop {
-            if conn.flush().is_err() {
-                failed = Some(String::new());
-                break;
-            }
-            if conn.pending_write_bytes() >= SEND_LOW_WATER {
-                break;
-            }
-            let Some(req) = session.peek_request().copied() else {
-                break;
-            };
-            if let Some(bucket) = self.limiter.as_mut()
-                && !bucket.try_take(req.len as u64, now)
-            {
-                let at = bucket.ready_at(req.len as u64, now);
-                self.limiter_wake = net::earliest(self.limiter_wake, Some(at));
-                break;
-            }
-            let _ = session.pop_request();
-            let Some(file) = self.store.by_root(&req.root) else {
-                failed = Some(format!("file {} is no longer shared", req.root.short()));
-                break;
-            };
-            match self.open_files.get(&req.root, &file.path) {
-                Ok(f) => conn.send_chunk_from_file(req.index, f, req.offset, req.len),
-                Err(e) => {
-                    failed = Some(format!("cannot open {}: {e}", file.name));
-                    break;
-                }
-            }
-        }
-        match failed {
-            None => {
-                if conn
-                    .sync_interest(self.poll.registry(), Token(id.0))
-                    .is_err()
-                {
-                    self.close_peer(id);
-                }
-            }
-            Some(why) if why.is_empty() => self.close_peer(id),
-            Some(why) => {
-                log::warn!("{why}");
-                session.handle_read_failed(why);
-                self.apply_serve_actions(id);
-            }
-        }
-    }
-
-    pub(super) fn close_peer(&mut self, id: ConnId) {
-        if let Some(mut pc) = self.conns.try_remove(id.0) {
-            let conn = pc.conn();
-            conn.deregister(self.poll.registry());
-            conn.flush_and_close();
-        }
-    }
-
-    // ---- downloads ----
 
     fn start_download(&mut self, request: GetRequest, now: Instant) {
         if let Some(d) = &self.download {
