@@ -35,7 +35,7 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Collects a child's output on a thread so its pipe never fills up.
 #[derive(Clone, Default)]
-pub struct Captured(Arc<Mutex<String>>);
+pub struct Captured(Arc<Mutex<(String, bool)>>);
 
 impl Captured {
     fn drain(&self, pipe: impl Read + Send + 'static) {
@@ -43,18 +43,24 @@ impl Captured {
         thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let mut b = buf.lock().unwrap();
-                b.push_str(&line);
-                b.push('\n');
+                b.0.push_str(&line);
+                b.0.push('\n');
             }
+            buf.lock().unwrap().1 = true;
         });
     }
 
     pub fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
+        self.0.lock().unwrap().0.clone()
     }
 
     pub fn clear(&self) {
-        self.0.lock().unwrap().clear();
+        self.0.lock().unwrap().0.clear();
+    }
+
+    /// True once the pipe reached EOF: all the output is in.
+    fn complete(&self) -> bool {
+        self.0.lock().unwrap().1
     }
 }
 
@@ -115,6 +121,10 @@ impl Proc {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The exit can beat the drain threads to the last bytes.
+                wait_for(WAIT, "output to be read", || {
+                    self.stdout.complete() && self.stderr.complete()
+                });
                 return status;
             }
             assert!(
