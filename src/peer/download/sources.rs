@@ -148,7 +148,14 @@ impl Download {
                     self.handle_chunk(sid, peer, index, data, ctx.now)
                 }
                 Message::Hello { version, role } => {
-                    version == PROTOCOL_VERSION && role == Role::Peer
+                    let ok = version == PROTOCOL_VERSION && role == Role::Peer;
+                    if !ok {
+                        log::warn!(
+                            "peer at {} speaks protocol {version} as {role:?}; we need {PROTOCOL_VERSION}",
+                            conn.peer_addr()
+                        );
+                    }
+                    ok
                 }
                 Message::Manifest {
                     root,
@@ -358,11 +365,11 @@ impl Download {
                     }
                 }
                 Action::DropSource { source, reason } => {
-                    if let Some(&id) = by_sid.get(&source) {
-                        log::warn!(
-                            "dropping source at {:?}: {reason:?}",
-                            self.sources.get(&id).map(|s| s.addr)
-                        );
+                    if let Some((&id, s)) = by_sid
+                        .get(&source)
+                        .and_then(|id| self.sources.get_key_value(id))
+                    {
+                        log::warn!("dropping peer {} at {}: {reason}", s.peer, s.addr);
                         dropped.push(id);
                     }
                 }
