@@ -1,0 +1,799 @@
+#!/usr/bin/env python3
+"""Swarm benchmark: the real `manager` and `peer` binaries, real sockets.
+
+    python3 bench/swarm.py [--size-mib 1024] [--quick] [--out bench-out/]
+
+Builds the release binaries, then runs each scenario in temp folders and
+prints one table (median of 3 runs; 1 run with --quick):
+
+  a   one seeder -> one downloader, beside a raw single-stream TCP copy of the
+      same file measured in the same run (sendfile -> recv -> write -> fsync)
+  a2  four uncapped seeders -> one downloader
+  b   four seeders at --upload-limit 20MiB: aggregate vs the sum of the caps
+  c   three seeders at 30MiB and one at 3MiB: aggregate vs the sum of the caps
+  d   peak RSS and CPU of the processes above; an idle peer; one seeder
+      serving four downloaders at once
+  e   three seeders in their own network namespaces behind 100 mbit tbf links,
+      the manager and downloader in a fourth: aggregate vs the sum of the links
+      (skipped, with a note, where `ip netns` is not permitted)
+
+MB/s is 10^6 bytes per second of file, from starting the `get` process until
+it exits (so it includes joining, locating, the final fsync and rename).
+Writes OUT/swarm.csv (every run, then the medians), OUT/swarm-timeline.csv
+(throughput over time of each scenario's first run) and, if matplotlib is
+importable, OUT/swarm.png. Python 3 standard library only; every process it
+starts is killed on exit, Ctrl-C included, and every namespace it made is
+deleted.
+"""
+
+import argparse
+import csv
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release"
+MIB = 1 << 20
+MB = 1e6
+FILE_NAME = "swarm.bin"
+# Only between namespaces this script creates itself.
+NET_PREFIX = "10.77.0."
+LINK_MBIT = 100
+
+LIVE = set()  # every child still running, for the cleanup on exit
+NAMESPACES = []  # every namespace made and not yet deleted, likewise
+
+
+class Child:
+    """A process we started: exit status and rusage via wait4, samples via /proc."""
+
+    def __init__(self, argv, log_path, out_path=None, ns=None):
+        self.argv = (["ip", "netns", "exec", ns] if ns else []) + [str(a) for a in argv]
+        self.log_path = Path(log_path)
+        self.out_path = Path(out_path) if out_path else None
+        self._log = open(self.log_path, "wb")
+        self._out = open(self.out_path, "wb") if self.out_path else subprocess.DEVNULL
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._log
+        )
+        self.pid = self.p.pid
+        self.status = None
+        self.rusage = None
+        self.t_exit = None
+        self.hwm_kib = 0
+        LIVE.add(self)
+
+    def sample(self):
+        """Notes the peak RSS so far. ru_maxrss cannot be used: Linux carries
+        the forking parent's (this Python's) peak across exec into the child."""
+        kib = self.status_kib("VmHWM")
+        if kib is not None:
+            self.hwm_kib = max(self.hwm_kib, kib)
+
+    def poll(self):
+        """True once the process has exited (and is reaped)."""
+        if self.status is not None:
+            return True
+        self.sample()
+        try:
+            pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status, ru = self.pid, 0, None
+        if pid == 0:
+            return False
+        self.t_exit = time.monotonic()
+        self.status = os.waitstatus_to_exitcode(status)
+        self.rusage = ru
+        self.p.returncode = self.status  # reaped here; Popen must not wait again
+        LIVE.discard(self)
+        self._log.close()
+        if self.out_path:
+            self._out.close()
+        return True
+
+    def wait(self, timeout):
+        end = time.monotonic() + timeout
+        while not self.poll():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self, timeout=5.0):
+        """SIGTERM (a clean goodbye), then SIGKILL if it lingers."""
+        if self.poll():
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not self.wait(timeout):
+            self.kill()
+
+    def kill(self):
+        if self.poll():
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait(10)
+
+    def wall(self):
+        return self.t_exit - self.t0
+
+    def cpu_s(self):
+        """utime + stime so far (while running), or from rusage (after exit)."""
+        if self.rusage is not None:
+            return self.rusage.ru_utime + self.rusage.ru_stime
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
+    def status_kib(self, key):
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def peak_rss_mib(self):
+        """Peak resident set (VmHWM), as last sampled: every 10 ms while we
+        wait for the process, so growth in its last few ms may be missed."""
+        self.sample()
+        return self.hwm_kib / 1024 if self.hwm_kib else None
+
+    def wchar(self):
+        """Bytes written through write/pwrite so far: for a downloader, the
+        verified chunks it has stored (socket sends do not count here)."""
+        try:
+            for line in Path(f"/proc/{self.pid}/io").read_text().splitlines():
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def out(self):
+        try:
+            return self.out_path.read_text(errors="replace") if self.out_path else ""
+        except OSError:
+            return ""
+
+
+def wait_all(children, timeout):
+    """Polls every child each 10 ms (so each one's RSS is sampled) until all
+    have exited; kills them all and returns False after `timeout`."""
+    end = time.monotonic() + timeout
+    while not all([c.poll() for c in children]):
+        if time.monotonic() > end:
+            for c in children:
+                c.kill()
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def kill_all():
+    for child in list(LIVE):
+        child.kill()
+
+
+def wait_for(what, timeout, cond, interval=0.02):
+    end = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def run(cmd, ns=None, timeout=60, check=True):
+    argv = (["ip", "netns", "exec", ns] if ns else []) + [str(a) for a in cmd]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def median(values):
+    values = [v for v in values if v is not None and v == v]
+    return statistics.median(values) if values else None
+
+
+# ---- the network ----------------------------------------------------------
+
+
+class Swarm:
+    """A manager and some seeders sharing one file; stopped on exit."""
+
+    def __init__(self, work, src, limits, hosts=None):
+        self.work = Path(work)
+        self.size = src.stat().st_size
+        self.hosts = hosts  # None: loopback; else a NetLab
+        self.work.mkdir(parents=True, exist_ok=True)
+        listen = f"{hosts.hub_ip}:0" if hosts else "127.0.0.1:0"
+        hub = hosts.hub if hosts else None
+        self.manager = Child(
+            [BIN / "manager", "--listen", listen], self.work / "manager.log", ns=hub
+        )
+        self.addr = wait_for(
+            "the manager to listen",
+            15,
+            lambda: _listening(self.manager, "manager listening on "),
+        )
+        self.seeders = []
+        for i, limit in enumerate(limits):
+            d = self.work / f"seed{i}"
+            d.mkdir()
+            os.link(src, d / FILE_NAME)  # same inode: one copy in the page cache
+            argv = [BIN / "peer", "--dir", d, "--manager", self.addr]
+            if limit:
+                argv += ["--upload-limit", limit]
+            ns = None
+            if hosts:
+                ns = hosts.seeders[i]
+                argv += ["--listen", f"{hosts.seeder_ips[i]}:0"]
+            child = Child(argv, self.work / f"seed{i}.log", ns=ns)
+            wait_for("a seeder to hash and listen", 60,
+                     lambda c=child: _listening(c, "peer serving on "))
+            self.seeders.append(child)
+        if limits:
+            self.wait_holders(len(limits))
+
+    def wait_holders(self, n):
+        hub = self.hosts.hub if self.hosts else None
+
+        def listed():
+            r = run([BIN / "peer", "--manager", self.addr, "files"], ns=hub, check=False)
+            m = re.search(rf"^\s*{re.escape(FILE_NAME)}\s+\d+ bytes\s+(\d+) holders",
+                          r.stdout, re.M)
+            return m and int(m.group(1)) >= n
+
+        wait_for(f"{n} holders of the file", 30, listed, interval=0.1)
+
+    def get_args(self, d):
+        argv = [BIN / "peer", "--dir", d, "--manager", self.addr]
+        if self.hosts:
+            argv += ["--listen", f"{self.hosts.hub_ip}:0"]
+        return argv + ["get", FILE_NAME]
+
+    def close(self):
+        for c in self.seeders + [self.manager]:
+            c.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _listening(child, marker):
+    if child.poll():
+        raise RuntimeError(f"{child.argv[0]} exited early:\n{child.log()[-2000:]}")
+    m = re.search(re.escape(marker) + r"(\S+)", child.log())
+    return m.group(1) if m else None
+
+
+class NetLab:
+    """Namespaces joined by one bridge in the hub; each seeder's link is capped
+    by a tbf qdisc on its egress (its upload). Deleted on close."""
+
+    def __init__(self, n_seeders):
+        tag = f"shoal{os.getpid()}"
+        self.hub = f"{tag}h"
+        self.seeders = [f"{tag}s{i}" for i in range(n_seeders)]
+        self.hub_ip = NET_PREFIX + "1"
+        self.seeder_ips = [NET_PREFIX + str(11 + i) for i in range(n_seeders)]
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _ip(self, *args):
+        run(["ip", *args], timeout=15)
+
+    def _build(self):
+        for ns in [self.hub] + self.seeders:
+            self._ip("netns", "add", ns)
+            NAMESPACES.append(ns)
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.hub, "addr", "add", self.hub_ip + "/24", "dev", "br0")
+        self._ip("-n", self.hub, "link", "set", "br0", "up")
+        for i, (ns, ip) in enumerate(zip(self.seeders, self.seeder_ips)):
+            port = f"v{i}"
+            self._ip("-n", self.hub, "link", "add", port, "type", "veth",
+                     "peer", "name", "eth0", "netns", ns)
+            self._ip("-n", self.hub, "link", "set", port, "master", "br0")
+            self._ip("-n", self.hub, "link", "set", port, "up")
+            self._ip("-n", ns, "addr", "add", ip + "/24", "dev", "eth0")
+            self._ip("-n", ns, "link", "set", "eth0", "up")
+            run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf",
+                 "rate", f"{LINK_MBIT}mbit", "burst", "256kb", "latency", "50ms"], timeout=15)
+
+    def close(self):
+        delete_namespaces()
+
+
+def delete_namespaces():
+    while NAMESPACES:
+        run(["ip", "netns", "del", NAMESPACES.pop()], check=False, timeout=15)
+
+
+def netns_unavailable():
+    if os.geteuid() != 0:
+        return "needs root for ip netns"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "needs iproute2 (ip, tc)"
+    probe = f"shoal{os.getpid()}probe"
+    try:
+        run(["ip", "netns", "add", probe], timeout=15)
+    except (subprocess.SubprocessError, OSError) as e:
+        err = getattr(e, "stderr", "") or str(e)
+        return f"ip netns not permitted: {err.strip()[:60]}"
+    run(["ip", "netns", "del", probe], check=False, timeout=15)
+    return None
+
+
+# ---- measurements ---------------------------------------------------------
+
+
+class Result:
+    def __init__(self, scenario, run_no, size, **fields):
+        self.scenario = scenario
+        self.run = run_no
+        self.size = size
+        self.wall_s = fields.get("wall_s")
+        self.mbps = fields.get("mbps")
+        self.reported_mbps = fields.get("reported_mbps")
+        self.dl_rss = fields.get("dl_rss")
+        self.seed_rss = fields.get("seed_rss")
+        self.dl_cpu = fields.get("dl_cpu")
+        self.seed_cpu = fields.get("seed_cpu")
+        self.note = fields.get("note", "")
+
+
+def check_copy(src, dst):
+    """Size, plus a few blocks compared byte for byte (shoal already checks
+    every chunk's BLAKE3; this guards the benchmark against a wrong file)."""
+    if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+        return False
+    size = src.stat().st_size
+    rng = random.Random(size)
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        offsets = [0, max(0, size - MIB)] + [rng.randrange(max(1, size - MIB)) for _ in range(4)]
+        for off in offsets:
+            a.seek(off)
+            b.seek(off)
+            if a.read(MIB) != b.read(MIB):
+                return False
+    return True
+
+
+def download(swarm, src, work, scenario, run_no, timeline, clients=1, timeout=120):
+    """Runs `clients` downloaders at once; returns the run's Result."""
+    dirs = []
+    for k in range(clients):
+        d = Path(work) / f"dl{run_no}-{k}"
+        d.mkdir(parents=True)
+        dirs.append(d)
+    cpu0 = [s.cpu_s() for s in swarm.seeders]
+    hub = swarm.hosts.hub if swarm.hosts else None
+    t0 = time.monotonic()
+    gets = [Child(swarm.get_args(d), d.parent / f"{d.name}.log", d.parent / f"{d.name}.out", ns=hub)
+            for d in dirs]
+    samples, last, deadline = [], 0.0, t0 + timeout
+    while not all([g.poll() for g in gets]):
+        now = time.monotonic()
+        if now > deadline:
+            for g in gets:
+                g.kill()
+            break
+        if now - last >= 0.1:
+            last = now
+            got = [g.wchar() for g in gets if g.status is None]
+            samples.append((now - t0, sum(x for x in got if x is not None)))
+        time.sleep(0.01)
+    wall = max(g.t_exit for g in gets) - t0
+    seed_cpu = sum(s.cpu_s() - c for s, c in zip(swarm.seeders, cpu0))
+    seed_rss = max((s.peak_rss_mib() for s in swarm.seeders), default=None)
+    ok = all(g.status == 0 for g in gets) and all(check_copy(src, d / FILE_NAME) for d in dirs)
+    note = ""
+    if not ok:
+        timed_out = wall >= timeout
+        note = "TIMEOUT" if timed_out else "FAILED"
+        tail = gets[0].log()[-600:] + gets[0].out()[-300:]
+        print(f"  {scenario} run {run_no}: {note}; exit {[g.status for g in gets]}\n{tail}",
+              file=sys.stderr)
+    reported = []
+    for g in gets:
+        m = re.search(r"in [\d.]+s: ([\d.]+) MB/s", g.out())
+        if m:
+            reported.append(float(m.group(1)))
+    if run_no == 0:
+        add_timeline(timeline, scenario, samples)
+    size = swarm.size * clients
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return Result(
+        scenario, run_no, size,
+        wall_s=wall,
+        mbps=size / wall / MB if ok else None,
+        reported_mbps=sum(reported) if reported else None,
+        dl_rss=max(g.peak_rss_mib() for g in gets),
+        seed_rss=seed_rss,
+        dl_cpu=sum(g.cpu_s() for g in gets),
+        seed_cpu=seed_cpu,
+        note=note,
+    )
+
+
+def add_timeline(timeline, scenario, samples):
+    prev_t, prev_b = 0.0, 0
+    for t, b in samples:
+        if t > prev_t and b >= prev_b:
+            timeline.append((scenario, round(t, 3), (b - prev_b) / (t - prev_t) / MB))
+        prev_t, prev_b = t, b
+
+
+RECEIVER = r"""
+import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); t0 = time.monotonic()
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+buf = bytearray(1 << 20); view = memoryview(buf); total = 0
+while True:
+    n = c.recv_into(buf)
+    if n == 0:
+        break
+    done = 0
+    while done < n:
+        done += os.write(fd, view[done:n])
+    total += n
+os.fsync(fd); os.close(fd)
+print(total, time.monotonic() - t0, flush=True)
+"""
+
+SENDER = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+with open(sys.argv[1], "rb") as f:
+    s.sendfile(f)
+s.close()
+"""
+
+
+def raw_tcp(src, work, run_no, timeout):
+    """One TCP stream, sendfile from the warm file to recv+write+fsync."""
+    d = Path(work) / f"raw{run_no}"
+    d.mkdir(parents=True)
+    recv = Child([sys.executable, "-c", RECEIVER, d / FILE_NAME], d / "recv.log", d / "recv.out")
+    port = wait_for("the raw receiver", 10, lambda: recv.out().split("\n")[0].strip() or None)
+    send = Child([sys.executable, "-c", SENDER, src, port], d / "send.log")
+    recv_ok = wait_all([recv, send], timeout)
+    lines = recv.out().split()
+    ok = recv_ok and recv.status == 0 and len(lines) >= 3 and check_copy(src, d / FILE_NAME)
+    size = src.stat().st_size
+    result = Result(
+        "a  raw TCP, 1 stream", run_no, size,
+        wall_s=float(lines[2]) if ok else None,
+        mbps=int(lines[1]) / float(lines[2]) / MB if ok else None,
+        dl_rss=recv.peak_rss_mib(), seed_rss=send.peak_rss_mib(),
+        dl_cpu=recv.cpu_s(), seed_cpu=send.cpu_s(),
+        note="" if ok else "FAILED",
+    )
+    shutil.rmtree(d, ignore_errors=True)
+    return result
+
+
+def make_file(path, size):
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MIB)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())  # on disk before any run, so no writeback competes
+
+
+# ---- scenarios ------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, work, size_mib, runs):
+        self.work = Path(work)
+        self.runs = runs
+        self.size_mib = size_mib
+        self.files = {}
+        self.results = []  # every run
+        self.rows = []  # (scenario, Result of medians, ref label, ref MB/s)
+        self.timeline = []
+        self.raw_mbps = None
+
+    def file(self, mib):
+        if mib not in self.files:
+            path = self.work / f"src-{mib}MiB.bin"
+            print(f"  generating a {mib} MiB file of random bytes", file=sys.stderr)
+            make_file(path, mib * MIB)
+            self.files[mib] = path
+        return self.files[mib]
+
+    def timeout_for(self, mib, mbps_floor):
+        return 30 + 3 * mib * MIB / (mbps_floor * MB)
+
+    def one(self, name, r, make_run):
+        # Dirty pages of earlier runs are written back now, not during this one.
+        os.sync()
+        res = make_run(r)
+        res.scenario = name
+        self.results.append(res)
+        shown = f"{res.mbps:.1f} MB/s" if res.mbps else res.note
+        print(f"  {name}  run {r + 1}/{self.runs}: {shown}", file=sys.stderr)
+        return res
+
+    def series(self, name, make_run):
+        return combine(name, [self.one(name, r, make_run) for r in range(self.runs)])
+
+    def add(self, med, ref_label, ref_mbps):
+        self.rows.append((med, ref_label, ref_mbps))
+
+    def loopback(self, name, mib, limits, clients=1, ref=("raw TCP", None), floor=20):
+        src = self.file(mib)
+        work = self.work / re.sub(r"\W+", "-", name).strip("-")
+        print(f"== {name}", file=sys.stderr)
+        with Swarm(work, src, limits) as swarm:
+            med = self.series(name, lambda r: download(
+                swarm, src, work, name, r, self.timeline, clients=clients,
+                timeout=self.timeout_for(mib * clients, floor)))
+        label, mbps = ref
+        self.add(med, label, self.raw_mbps if label == "raw TCP" else mbps)
+        return med
+
+    def scenario_a(self):
+        """Raw TCP and shoal take turns, so a drift in the machine's speed
+        (page cache, writeback, neighbours) hits both alike."""
+        mib = self.size_mib
+        src = self.file(mib)
+        raw_name, name = "a  raw TCP, 1 stream", f"a  1 seeder -> 1, {mib} MiB"
+        work = self.work / "a"
+        timeout = self.timeout_for(mib, 20)
+        print(f"== {name}, beside {raw_name}", file=sys.stderr)
+        raws, gets = [], []
+        with Swarm(work, src, [None]) as swarm:
+            for r in range(self.runs):
+                raws.append(self.one(raw_name, r, lambda r: raw_tcp(src, work, r, timeout)))
+                gets.append(self.one(name, r, lambda r: download(
+                    swarm, src, work, name, r, self.timeline, timeout=timeout)))
+        raw = combine(raw_name, raws)
+        self.raw_mbps = raw.mbps
+        self.add(raw, "", None)
+        self.add(combine(name, gets), "raw TCP", raw.mbps)
+        self.loopback(f"a2 4 seeders -> 1, {mib} MiB", mib, [None] * 4)
+
+    def scenario_b(self):
+        mib = min(self.size_mib, 1024)
+        caps = 4 * 20 * MIB / MB
+        self.loopback(f"b  4 x 20MiB caps, {mib} MiB", mib, ["20MiB"] * 4,
+                      ref=("sum of caps", caps), floor=10)
+
+    def scenario_c(self):
+        mib = min(self.size_mib, 1024)
+        caps = (3 * 30 + 3) * MIB / MB
+        self.loopback(f"c  3 x 30MiB + 3MiB, {mib} MiB", mib, ["30MiB"] * 3 + ["3MiB"],
+                      ref=("sum of caps", caps), floor=10)
+
+    def scenario_d(self):
+        name = "d  idle peer (RSS now)"
+        print(f"== {name}", file=sys.stderr)
+        src = self.file(min(self.size_mib, 256))
+        work = self.work / "idle"
+        with Swarm(work, src, [None]) as swarm:
+            time.sleep(1.0)
+            s = swarm.seeders[0]
+            rss = s.status_kib("VmRSS")
+            idle = Result(name, 0, 0, dl_rss=None,
+                          seed_rss=rss / 1024 if rss else None,
+                          note="after start: hashed and registered")
+        self.results.append(idle)
+        self.add(idle, "", None)
+        mib = min(self.size_mib, 256)
+        self.loopback(f"d  1 seeder -> 4 at once, 4x{mib} MiB", mib, [None], clients=4,
+                      ref=("", None))
+
+    def scenario_e(self, why_not):
+        mib = min(self.size_mib, 256) if self.runs > 1 else min(self.size_mib, 128)
+        name = f"e  netns 3 x {LINK_MBIT}mbit, {mib} MiB"
+        caps = 3 * LINK_MBIT * 1e6 / 8 / MB
+        print(f"== {name}", file=sys.stderr)
+        if why_not:
+            self.add(Result(name, 0, 0, note=f"skipped: {why_not}"), "sum of links", caps)
+            return
+        src = self.file(mib)
+        work = self.work / "netns"
+        try:
+            lab = NetLab(3)
+        except subprocess.CalledProcessError as e:
+            why = (e.stderr or "").strip().splitlines()[-1:] or ["?"]
+            self.add(Result(name, 0, 0, note=f"skipped: {' '.join(e.cmd[:4])}: {why[0][:50]}"),
+                     "sum of links", caps)
+            return
+        try:
+            with Swarm(work, src, [None] * 3, hosts=lab) as swarm:
+                med = self.series(name, lambda r: download(
+                    swarm, src, work, name, r, self.timeline,
+                    timeout=self.timeout_for(mib, 5)))
+        finally:
+            lab.close()
+        self.add(med, "sum of links", caps)
+
+
+def combine(name, runs):
+    med = Result(name, "median", runs[0].size)
+    for field in ("wall_s", "mbps", "reported_mbps", "dl_rss", "seed_rss", "dl_cpu", "seed_cpu"):
+        setattr(med, field, median([getattr(r, field) for r in runs]))
+    bad = [r.note for r in runs if r.note]
+    if bad:
+        med.note = f"{len(bad)}/{len(runs)} runs {bad[0]}"
+    return med
+
+
+# ---- output ---------------------------------------------------------------
+
+
+def fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows):
+    head = ["scenario", "MB/s", "reference", "ref MB/s", "ratio",
+            "RSS MiB dl/seed", "CPU s dl/seed", "note"]
+    lines = []
+    for med, ref_label, ref in rows:
+        ratio = med.mbps / ref if med.mbps and ref else None
+        lines.append([
+            med.scenario, fmt(med.mbps), ref_label or "-", fmt(ref), fmt(ratio, ".2f"),
+            f"{fmt(med.dl_rss)} / {fmt(med.seed_rss)}",
+            f"{fmt(med.dl_cpu, '.2f')} / {fmt(med.seed_cpu, '.2f')}",
+            med.note,
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = []
+    for i, row in enumerate([head] + lines):
+        cells = [str(c).ljust(w) if j in (0, 2, 7) else str(c).rjust(w)
+                 for j, (c, w) in enumerate(zip(row, widths))]
+        out.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def write_csv(path, results, rows):
+    fields = ["scenario", "run", "size_bytes", "wall_s", "mbps", "reported_mbps", "reference",
+              "ref_mbps", "ratio", "dl_peak_rss_mib", "seed_peak_rss_mib", "dl_cpu_s",
+              "seed_cpu_s", "note"]
+    refs = {med.scenario: (label, ref) for med, label, ref in rows}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for r in results + [med for med, _, _ in rows]:
+            label, ref = refs.get(r.scenario, ("", None))
+            ratio = r.mbps / ref if r.mbps and ref else None
+            w.writerow([r.scenario.strip(), r.run, r.size, fmt(r.wall_s, ".3f"), fmt(r.mbps, ".2f"),
+                        fmt(r.reported_mbps, ".2f"), label, fmt(ref, ".2f"), fmt(ratio, ".3f"),
+                        fmt(r.dl_rss, ".1f"), fmt(r.seed_rss, ".1f"), fmt(r.dl_cpu, ".3f"),
+                        fmt(r.seed_cpu, ".3f"), r.note])
+
+
+def write_timeline(out, timeline):
+    with open(out / "swarm-timeline.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scenario", "t_s", "mbps"])
+        for name, t, mbps in timeline:
+            w.writerow([name.strip(), t, f"{mbps:.2f}"])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in dict.fromkeys(n for n, _, _ in timeline):
+        pts = [(t, v) for n, t, v in timeline if n == name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name.strip())
+    ax.set_xlabel("seconds since the get started")
+    ax.set_ylabel("MB/s received by the downloader(s)")
+    ax.legend(fontsize="small")
+    fig.savefig(out / "swarm.png", dpi=110, bbox_inches="tight")
+
+
+# ---- main -----------------------------------------------------------------
+
+
+def _terminate(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=None,
+                    help="file size for scenario a and a2 (default 1024; 256 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="256 MiB, one run per scenario")
+    ap.add_argument("--out", default="bench-out/", help="where the CSV (and PNG) go")
+    args = ap.parse_args()
+    size_mib = args.size_mib or (256 if args.quick else 1024)
+    runs = 1 if args.quick else 3
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Ctrl-C must stop us even if we were started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    print("== cargo build --release", file=sys.stderr)
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="shoal-swarm-"))
+    bench = Bench(work, size_mib, runs)
+    code = 0
+    try:
+        why_not = netns_unavailable()
+        bench.scenario_a()
+        bench.scenario_b()
+        bench.scenario_c()
+        bench.scenario_d()
+        bench.scenario_e(why_not)
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        code = 130
+    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+        print(f"\nbench failed: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        # A second Ctrl-C must not cut the cleanup short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        kill_all()
+        delete_namespaces()
+        shutil.rmtree(work, ignore_errors=True)
+    if not bench.rows:
+        return code
+    cores = os.cpu_count()
+    print(f"\nshoal swarm bench: {cores} cores, loopback; median of {runs} run(s); "
+          f"{time.monotonic() - started:.0f} s in all")
+    print(table(bench.rows))
+    write_csv(out / "swarm.csv", bench.results, bench.rows)
+    write_timeline(out, bench.timeline)
+    print(f"\nwrote {out / 'swarm.csv'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
