@@ -92,22 +92,28 @@ fn transfer(c: &mut Criterion) {
     let seed_dir = tempfile::tempdir().expect("create the seeder's folder");
     write_random_file(&seed_dir.path().join(FILE_NAME), FILE_SIZE);
 
-    let server = Server::bind(ServerConfig {
-        listen: "127.0.0.1:0".parse().expect("a socket address"),
-        registry: RegistryConfig::default(),
-        max_conns: 4096,
-    })
-    .expect("bind the manager");
-    let manager = server.local_addr().expect("the manager's address");
     let (done_tx, done_rx) = mpsc::channel();
     let tx = done_tx.clone();
+    let (addr_tx, addr_rx) = mpsc::channel();
+    // Built on its own thread, like the seeder below: event loops are not Send.
     thread::spawn(move || {
+        let server = Server::bind(ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("a socket address"),
+            registry: RegistryConfig::default(),
+            max_conns: 4096,
+        })
+        .expect("bind the manager");
+        let _ = addr_tx.send(server.local_addr().expect("the manager's address"));
         let _ = server.run();
         let _ = tx.send(());
     });
-    let seeder = Node::new(node_config(seed_dir.path(), manager), Mode::Interactive)
-        .expect("start the seeder");
+    let manager = addr_rx.recv().expect("the manager's address");
+    // A node is built on the thread that runs it (it is not Send: its open
+    // files are shared with sends in progress).
+    let seed_path = seed_dir.path().to_path_buf();
     thread::spawn(move || {
+        let seeder = Node::new(node_config(&seed_path, manager), Mode::Interactive)
+            .expect("start the seeder");
         let _ = seeder.run();
         let _ = done_tx.send(());
     });

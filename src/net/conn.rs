@@ -30,6 +30,9 @@ pub enum IoStatus {
 /// Room kept free at the end of the read buffer; also its starting size.
 const READ_CHUNK: usize = 64 << 10;
 
+/// Sent bytes at the front of the write buffer beyond this are dropped.
+const COMPACT_WRITES_ABOVE: usize = 64 << 10;
+
 /// An empty read buffer larger than this is freed.
 const SHRINK_ABOVE: usize = 1 << 20;
 
@@ -234,7 +237,10 @@ impl Conn {
             };
             if let Err(e) = result {
                 match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(IoStatus::WouldBlock),
+                    io::ErrorKind::WouldBlock => {
+                        self.compact_write_buf();
+                        return Ok(IoStatus::WouldBlock);
+                    }
                     io::ErrorKind::Interrupted => continue,
                     _ => return Err(e),
                 }
@@ -243,6 +249,20 @@ impl Conn {
         self.write_buf.clear();
         self.write_start = 0;
         Ok(IoStatus::Done)
+    }
+
+    /// Drops the bytes already sent once they are many: on a link slower
+    /// than the requests, the buffer never empties completely, and without
+    /// this it would keep everything ever sent.
+    fn compact_write_buf(&mut self) {
+        if self.write_start < COMPACT_WRITES_ABOVE {
+            return;
+        }
+        self.write_buf.drain(..self.write_start);
+        for seg in &mut self.file_segments {
+            seg.at -= self.write_start;
+        }
+        self.write_start = 0;
     }
 
     /// Best effort: push out what is queued (an error frame, a goodbye)
@@ -298,5 +318,83 @@ fn send_file_segment(stream: &TcpStream, seg: &mut FileSegment) -> io::Result<()
             "shared file shrank while a chunk of it was being sent",
         )),
         _ => Err(io::Error::last_os_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Fixes a socket buffer size, which also stops the kernel autotuning it.
+    fn set_buffer(fd: &impl AsRawFd, option: libc::c_int, bytes: libc::c_int) {
+        // SAFETY: a valid socket and a pointer to an int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt");
+    }
+
+    /// A connected pair: our `Conn` and the plain socket at the other end,
+    /// with small fixed kernel buffers so our own buffer is what fills up.
+    fn pair() -> (Conn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        set_buffer(&client, libc::SO_RCVBUF, 64 << 10);
+        let (server, _) = listener.accept().unwrap();
+        set_buffer(&server, libc::SO_SNDBUF, 64 << 10);
+        server.set_nonblocking(true).unwrap();
+        (Conn::new(TcpStream::from_std(server), addr), client)
+    }
+
+    #[test]
+    fn a_never_empty_write_buffer_does_not_keep_what_was_sent() {
+        let (mut conn, mut peer) = pair();
+        peer.set_nonblocking(true).unwrap();
+        let frame = Message::Error {
+            code: crate::wire::ErrorCode::Other,
+            reason: "x".repeat(1000),
+        };
+        let mut encoded = Vec::new();
+        wire::encode(&frame, &mut encoded);
+        let frame_len = encoded.len();
+        // Fill the kernel's buffers until bytes wait in ours.
+        while conn.pending_write_bytes() < 1 << 20 {
+            conn.send(&frame);
+            conn.flush().unwrap();
+        }
+        // Then each round queue 1000 frames and let the reader take all but
+        // one: our buffer never empties, while 40 MB go through it.
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        for _ in 0..40 {
+            for _ in 0..1000 {
+                conn.send(&frame);
+            }
+            let target = got + 999 * frame_len;
+            while got < target {
+                conn.flush().unwrap();
+                let want = buf.len().min(target - got);
+                match peer.read(&mut buf[..want]) {
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            conn.flush().unwrap();
+            assert!(conn.has_pending_writes(), "the buffer never empties");
+        }
+        assert!(
+            conn.write_buf.len() < 8 << 20,
+            "write buffer kept {} bytes of history",
+            conn.write_buf.len()
+        );
     }
 }

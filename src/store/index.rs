@@ -107,6 +107,33 @@ impl SharedFolder {
         Ok(scan.set_changed)
     }
 
+    /// Shares a file a download just wrote into the folder, with the manifest
+    /// every chunk of it was verified against: no need to read it all again.
+    /// Size and mtime are taken from the file now, so a later rescan sees it
+    /// as unchanged (and rehashes it if anyone edits it).
+    pub fn add_downloaded(&mut self, name: FileName, manifest: Manifest) -> Result<(), StoreError> {
+        let path = self.dir.join(name.as_str());
+        let meta = fs::symlink_metadata(&path).map_err(|err| StoreError::io("stat", &path, err))?;
+        if !meta.is_file() || meta.len() != manifest.size {
+            // Not what we wrote: let the next rescan index whatever it is.
+            warn!(
+                "{} changed since it was downloaded; it will be rehashed",
+                path.display()
+            );
+            return Ok(());
+        }
+        let file = SharedFile {
+            name: name.clone(),
+            path,
+            manifest,
+            mtime_ns: mtime_ns(&meta),
+        };
+        let mut files = std::mem::take(&mut self.files);
+        files.insert(name, file);
+        self.apply(files, 0, true);
+        Ok(())
+    }
+
     fn apply(&mut self, files: BTreeMap<FileName, SharedFile>, hashed: usize, cache_dirty: bool) {
         self.files = files;
         self.hashed_last_scan = hashed;
@@ -435,6 +462,31 @@ mod tests {
         assert_eq!(touched.hashed_files(), 1);
         assert_ne!(cache_inode(), first_inode, "new mtime not recorded");
         assert_eq!(SharedFolder::open(dir).unwrap().hashed_files(), 0);
+    }
+
+    #[test]
+    fn a_downloaded_file_is_shared_without_rehashing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut folder = SharedFolder::open(dir).unwrap();
+        let data = vec![7u8; 100_000];
+        fs::write(dir.join("got.bin"), &data).unwrap();
+        let chunk = super::super::chunk_size_for(data.len() as u64);
+        let hashes = data
+            .chunks(chunk as usize)
+            .map(super::super::hash_chunk)
+            .collect();
+        let manifest = Manifest::from_hashes(data.len() as u64, chunk, hashes);
+        let root = manifest.root;
+        folder.add_downloaded(name("got.bin"), manifest).unwrap();
+        assert_eq!(folder.by_root(&root).unwrap().name, name("got.bin"));
+        assert!(!folder.rescan().unwrap(), "already known: no change");
+        assert_eq!(folder.hashed_files(), 0);
+        assert_eq!(
+            SharedFolder::open(dir).unwrap().hashed_files(),
+            0,
+            "cached too"
+        );
     }
 
     #[test]

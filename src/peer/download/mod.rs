@@ -129,6 +129,13 @@ impl Download {
         &self.request.name
     }
 
+    /// The name and verified manifest of the file, once it is complete.
+    pub fn completed_file(&self) -> Option<(FileName, Manifest)> {
+        let done = self.scheduler.as_ref().is_some_and(|s| s.is_complete());
+        let manifest = self.manifest.clone().filter(|_| done)?;
+        Some((self.request.name.clone(), manifest))
+    }
+
     pub fn take_outcome(&mut self) -> Option<DownloadOutcome> {
         self.outcome.take()
     }

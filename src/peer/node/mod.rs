@@ -439,6 +439,13 @@ impl Node {
             Some(DownloadOutcome::Done(summary)) => {
                 download.close_sources(&self.poll, &mut self.conns);
                 say(&summary);
+                // Shared at once, with the manifest it was verified against.
+                if let Some((name, manifest)) = download.completed_file() {
+                    match self.store.add_downloaded(name, manifest) {
+                        Ok(()) => self.link.set_shared(self.store.summaries()),
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
                 self.rescan();
                 if matches!(self.mode, Mode::Get { seed: false, .. }) {
                     self.finish(Ok(()));
