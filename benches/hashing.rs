@@ -3,8 +3,9 @@
 //! indexes its folder (read at offsets into one reused buffer, then hashed).
 
 use std::hint::black_box;
-use std::io::Write;
 use std::time::Duration;
+
+mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use shoal::store::{hash_chunk, hash_file};
@@ -23,18 +24,7 @@ fn chunks(c: &mut Criterion) {
 
 fn whole_file(c: &mut Criterion) {
     let mut file = tempfile::tempfile().expect("create a temp file");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..FILE_SIZE / block.len() as u64 {
-        for b in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes());
-        }
-        file.write_all(&block).expect("write the temp file");
-    }
-    file.flush().expect("flush the temp file");
+    common::write_pseudo_random(&mut file, FILE_SIZE, 0x9e37_79b9_7f4a_7c15);
     // One pass first, so the measured ones read from a warm page cache.
     hash_file(&file, FILE_SIZE).expect("hash the temp file");
 
@@ -48,17 +38,9 @@ fn whole_file(c: &mut Criterion) {
     group.finish();
 }
 
-/// Shorter runs than criterion's default keep `cargo bench` brief; BLAKE3
-/// over a warm buffer is steady enough for it.
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::short_config();
     targets = chunks, whole_file
 }
 criterion_main!(benches);

@@ -15,6 +15,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use shoal::manager::RegistryConfig;
 use shoal::manager::server::{Server, ServerConfig};
@@ -42,18 +44,7 @@ fn node_config(dir: &Path, manager: SocketAddr) -> NodeConfig {
 
 fn write_random_file(path: &Path, len: u64) {
     let mut f = std::io::BufWriter::new(File::create(path).expect("create the shared file"));
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..len / block.len() as u64 {
-        for b in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&block).expect("write the shared file");
-    }
-    f.flush().expect("flush the shared file");
+    common::write_pseudo_random(&mut f, len, 0x2545_f491_4f6c_dd1d);
 }
 
 /// Sends stdout to /dev/null while alive: every finished `get` prints its

@@ -8,7 +8,8 @@
 //! the payload, as the serving side does.
 
 use std::hint::black_box;
-use std::time::Duration;
+
+mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use shoal::wire::{self, Hash, Message};
@@ -93,16 +94,9 @@ fn control_frames(c: &mut Criterion) {
     group.finish();
 }
 
-/// Nanosecond-scale work settles quickly; shorter runs keep `cargo bench` brief.
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::short_config();
     targets = chunk_frames, control_frames
 }
 criterion_main!(benches);
