@@ -33,7 +33,7 @@ const READ_CHUNK: usize = 64 << 10;
 /// Sent bytes at the front of the write buffer beyond this are dropped.
 const COMPACT_WRITES_ABOVE: usize = 64 << 10;
 
-/// An empty read buffer larger than this is freed.
+/// An empty read or write buffer larger than this is freed.
 const SHRINK_ABOVE: usize = 1 << 20;
 
 /// Below this much spare room, compact or grow before reading again.
@@ -191,6 +191,12 @@ impl Conn {
         wire::encode(msg, &mut self.write_buf);
     }
 
+    /// Queues one frame that `encode` appends to the write buffer itself
+    /// (a manifest encoded straight from borrowed hashes).
+    pub fn send_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        encode(&mut self.write_buf);
+    }
+
     /// Queues a chunk frame whose payload is sent from `file` by the kernel
     /// (`sendfile`), never copied through our memory: the header goes into
     /// the write buffer, the payload follows it on the wire.
@@ -248,6 +254,10 @@ impl Conn {
         }
         self.write_buf.clear();
         self.write_start = 0;
+        // A big frame (a manifest) grew it: give the memory back.
+        if self.write_buf.capacity() > SHRINK_ABOVE {
+            self.write_buf = Vec::new();
+        }
         Ok(IoStatus::Done)
     }
 

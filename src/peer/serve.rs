@@ -49,6 +49,9 @@ pub struct ChunkRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServeAction {
     Send(Message<'static>),
+    /// Send the manifest of the shared file with this root. The shell encodes
+    /// it from the index: a big file's hash list is never copied.
+    SendManifest(Hash),
     /// Flush what is queued, then close.
     Close,
 }
@@ -99,12 +102,7 @@ impl ServeSession {
                 self.state = State::Ready { last_request: now };
                 match catalog.find_by_name(&name) {
                     Some(m) if root.is_none_or(|r| r == m.root) => {
-                        self.send(Message::Manifest {
-                            root: m.root,
-                            size: m.size,
-                            chunk_size: m.chunk_size,
-                            hashes: m.hashes.clone(),
-                        });
+                        self.actions.push_back(ServeAction::SendManifest(m.root));
                     }
                     Some(_) => self.refuse(
                         ErrorCode::NotFound,

@@ -414,6 +414,34 @@ pub fn encode_chunk_header(index: u32, data_len: u32, out: &mut Vec<u8>) {
     out.write_u32::<BigEndian>(index).unwrap_or(());
 }
 
+/// Appends a `Manifest` frame built from borrowed hashes: the same bytes as
+/// `encode(&Message::Manifest { .. })`, without copying a hash list that can
+/// be megabytes long into a message first.
+pub fn encode_manifest(
+    root: &Hash,
+    size: u64,
+    chunk_size: u32,
+    hashes: &[Hash],
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, kind::MANIFEST]);
+    put_manifest_body(out, root, size, chunk_size, hashes);
+    let len = (out.len() - start - 4) as u32;
+    BigEndian::write_u32(&mut out[start..start + 4], len);
+}
+
+fn put_manifest_body(out: &mut Vec<u8>, root: &Hash, size: u64, chunk_size: u32, hashes: &[Hash]) {
+    out.reserve(32 + 8 + 4 + 4 + 32 * hashes.len());
+    out.extend_from_slice(&root.0);
+    put_u64(out, size);
+    put_u32(out, chunk_size);
+    put_u32(out, hashes.len() as u32);
+    for h in hashes {
+        out.extend_from_slice(&h.0);
+    }
+}
+
 fn message_kind(msg: &Message<'_>) -> u8 {
     match msg {
         Message::Hello { .. } => kind::HELLO,
@@ -518,15 +546,7 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
             size,
             chunk_size,
             hashes,
-        } => {
-            out.extend_from_slice(&root.0);
-            put_u64(out, *size);
-            put_u32(out, *chunk_size);
-            put_u32(out, hashes.len() as u32);
-            for h in hashes {
-                out.extend_from_slice(&h.0);
-            }
-        }
+        } => put_manifest_body(out, root, *size, *chunk_size, hashes),
         Message::GetChunk { root, index } | Message::Cancel { root, index } => {
             out.extend_from_slice(&root.0);
             put_u32(out, *index);

@@ -15,7 +15,8 @@ mod tests;
 
 pub use error::DecodeError;
 pub use message::{
-    Message, decode, encode, encode_chunk_header, kind_name, max_body_len, peek_header,
+    Message, decode, encode, encode_chunk_header, encode_manifest, kind_name, max_body_len,
+    peek_header,
 };
 pub use types::{
     ErrorCode, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry, PeerId, Role,

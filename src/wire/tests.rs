@@ -1133,3 +1133,19 @@ fn mutated_frames_never_panic() {
         "{decoded} decoded, {refused} refused"
     );
 }
+
+#[test]
+fn encode_manifest_matches_encoding_the_message() {
+    let hashes: Vec<Hash> = (0..3u8).map(|i| Hash([i; 32])).collect();
+    let msg = Message::Manifest {
+        root: Hash([9; 32]),
+        size: 70_000,
+        chunk_size: 32 << 10,
+        hashes: hashes.clone(),
+    };
+    let mut expected = vec![0xaa];
+    encode(&msg, &mut expected);
+    let mut got = vec![0xaa];
+    encode_manifest(&Hash([9; 32]), 70_000, 32 << 10, &hashes, &mut got);
+    assert_eq!(got, expected);
+}

@@ -126,6 +126,16 @@ impl Node {
         while let Some(action) = session.poll_action() {
             match action {
                 ServeAction::Send(msg) => conn.send(&msg),
+                ServeAction::SendManifest(root) => match self.store.by_root(&root) {
+                    Some(f) => {
+                        let m = &f.manifest;
+                        conn.send_with(|out| {
+                            wire::encode_manifest(&m.root, m.size, m.chunk_size, &m.hashes, out)
+                        });
+                    }
+                    // Rescanned away since the request was checked.
+                    None => close = true,
+                },
                 ServeAction::Close => close = true,
             }
         }
