@@ -222,3 +222,217 @@ fn describe(msg: &Message<'_>) -> String {
         other => format!("{other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Manifest;
+
+    /// One shared file of 5 chunks of 32 KiB, the last one short.
+    struct OneFile(Manifest);
+
+    impl OneFile {
+        fn new() -> OneFile {
+            let hashes = (0..5u8).map(|i| Hash([i; 32])).collect();
+            OneFile(Manifest::from_hashes(4 * 32768 + 100, 32768, hashes))
+        }
+
+        fn name() -> FileName {
+            FileName::new("f.bin").unwrap()
+        }
+    }
+
+    impl Catalog for OneFile {
+        fn find_by_name(&self, name: &FileName) -> Option<&Manifest> {
+            (*name == OneFile::name()).then_some(&self.0)
+        }
+
+        fn find_by_root(&self, root: &Hash) -> Option<&Manifest> {
+            (*root == self.0.root).then_some(&self.0)
+        }
+    }
+
+    fn drain(s: &mut ServeSession) -> Vec<ServeAction> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn hello() -> Message<'static> {
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Peer,
+        }
+    }
+
+    fn ready(files: &OneFile, now: Instant) -> ServeSession {
+        let mut s = ServeSession::new(ServeConfig::default(), now);
+        s.handle_message(hello(), files, now);
+        assert!(matches!(
+            drain(&mut s).as_slice(),
+            [ServeAction::Send(Message::Hello { .. })]
+        ));
+        s
+    }
+
+    fn refused_with(actions: &[ServeAction]) -> Option<ErrorCode> {
+        match actions {
+            [
+                ServeAction::Send(Message::Error { code, .. }),
+                ServeAction::Close,
+            ] => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn requests_before_the_hello_or_from_another_role_are_refused() {
+        let files = OneFile::new();
+        let now = Instant::now();
+        let mut s = ServeSession::new(ServeConfig::default(), now);
+        let _ = drain(&mut s);
+        s.handle_message(
+            Message::GetChunk {
+                root: files.0.root,
+                index: 0,
+            },
+            &files,
+            now,
+        );
+        assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::Protocol));
+
+        let mut s = ServeSession::new(ServeConfig::default(), now);
+        let _ = drain(&mut s);
+        let manager_hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Manager,
+        };
+        s.handle_message(manager_hello, &files, now);
+        assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::Incompatible));
+    }
+
+    #[test]
+    fn manifests_only_for_shared_names_and_versions() {
+        let files = OneFile::new();
+        let now = Instant::now();
+        let mut s = ready(&files, now);
+        s.handle_message(
+            Message::GetManifest {
+                name: OneFile::name(),
+                root: None,
+            },
+            &files,
+            now,
+        );
+        assert_eq!(drain(&mut s), vec![ServeAction::SendManifest(files.0.root)]);
+
+        let other = FileName::new("other.bin").unwrap();
+        s.handle_message(
+            Message::GetManifest {
+                name: other,
+                root: None,
+            },
+            &files,
+            now,
+        );
+        assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::NotFound));
+
+        let mut s = ready(&files, now);
+        let wrong = Some(Hash([0xee; 32]));
+        s.handle_message(
+            Message::GetManifest {
+                name: OneFile::name(),
+                root: wrong,
+            },
+            &files,
+            now,
+        );
+        assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::NotFound));
+    }
+
+    #[test]
+    fn chunk_requests_are_checked_queued_and_cancelled() {
+        let files = OneFile::new();
+        let now = Instant::now();
+        let mut s = ready(&files, now);
+        let root = files.0.root;
+        for index in [0, 4, 2] {
+            s.handle_message(Message::GetChunk { root, index }, &files, now);
+        }
+        s.handle_message(Message::Cancel { root, index: 4 }, &files, now);
+        assert!(drain(&mut s).is_empty());
+        let first = s.pop_request().unwrap();
+        assert_eq!((first.index, first.offset, first.len), (0, 0, 32768));
+        let next = s.pop_request().unwrap();
+        assert_eq!((next.index, next.offset, next.len), (2, 65536, 32768));
+        assert_eq!(s.pop_request(), None, "chunk 4 was cancelled");
+
+        // The last chunk is short; past it is an error, not a crash.
+        s.handle_message(Message::GetChunk { root, index: 4 }, &files, now);
+        assert_eq!(s.pop_request().unwrap().len, 100);
+        s.handle_message(Message::GetChunk { root, index: 5 }, &files, now);
+        assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::OutOfRange));
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let files = OneFile::new();
+        let now = Instant::now();
+        let config = ServeConfig {
+            max_queue: 3,
+            ..ServeConfig::default()
+        };
+        let mut s = ServeSession::new(config, now);
+        s.handle_message(hello(), &files, now);
+        let _ = drain(&mut s);
+        for _ in 0..3 {
+            s.handle_message(
+                Message::GetChunk {
+                    root: files.0.root,
+                    index: 1,
+                },
+                &files,
+                now,
+            );
+        }
+        assert_eq!(s.queued(), 3);
+        s.handle_message(
+            Message::GetChunk {
+                root: files.0.root,
+                index: 1,
+            },
+            &files,
+            now,
+        );
+        assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::Busy));
+        assert_eq!(s.queued(), 0, "a closing session serves nothing more");
+    }
+
+    #[test]
+    fn silent_connections_time_out_and_busy_ones_do_not() {
+        let files = OneFile::new();
+        let t0 = Instant::now();
+        let config = ServeConfig::default();
+        let mut s = ServeSession::new(config, t0);
+        let _ = drain(&mut s);
+        s.handle_timeout(t0 + config.hello_timeout - Duration::from_millis(1));
+        assert!(drain(&mut s).is_empty(), "not before the hello timeout");
+        s.handle_timeout(t0 + config.hello_timeout);
+        assert_eq!(drain(&mut s), vec![ServeAction::Close]);
+
+        let mut s = ready(&files, t0);
+        s.handle_message(
+            Message::GetChunk {
+                root: files.0.root,
+                index: 0,
+            },
+            &files,
+            t0,
+        );
+        assert_eq!(
+            s.poll_timeout(),
+            None,
+            "no idle timeout while a request waits"
+        );
+        let _ = s.pop_request();
+        assert_eq!(s.poll_timeout(), Some(t0 + config.idle_timeout));
+    }
+}
