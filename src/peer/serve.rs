@@ -119,8 +119,8 @@ impl ServeSession {
                 self.queue.retain(|r| !(r.root == root && r.index == index));
             }
             (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
-            (_, Message::Goodbye) => self.close(),
             (State::Closing, _) => {}
+            (_, Message::Goodbye) => self.close(),
             (state, msg) => self.refuse(
                 ErrorCode::Protocol,
                 format!("unexpected {} in state {state:?}", describe(&msg)),
@@ -404,6 +404,16 @@ mod tests {
         );
         assert_eq!(refused_with(&drain(&mut s)), Some(ErrorCode::Busy));
         assert_eq!(s.queued(), 0, "a closing session serves nothing more");
+        s.handle_message(Message::Goodbye, &files, now);
+        s.handle_message(
+            Message::GetChunk {
+                root: files.0.root,
+                index: 1,
+            },
+            &files,
+            now,
+        );
+        assert!(drain(&mut s).is_empty(), "nothing after the one Close");
     }
 
     #[test]
