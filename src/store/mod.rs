@@ -1,9 +1,9 @@
 //! The shared folder: file index with hash cache, chunk hashing, partial downloads.
 //!
-//! - [`manifest`]: how a file is cut into chunks and named by one root hash.
-//! - [`index`]: the folder a peer shares, with a hash cache so a restart does
+//! - `manifest`: how a file is cut into chunks and named by one root hash.
+//! - `index`: the folder a peer shares, with a hash cache so a restart does
 //!   not rehash unchanged files.
-//! - [`partial`]: resumable downloads under `DIR/.shoal/partial/`, whose
+//! - `partial`: resumable downloads under `DIR/.shoal/partial/`, whose
 //!   progress survives a crash without ever trusting an unverified chunk.
 //!
 //! This is the only module that touches the disk for file contents; it does

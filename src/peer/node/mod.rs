@@ -1,8 +1,10 @@
 //! The peer's event loop: one mio `Poll` over the serving listener, the
 //! manager connection, every peer connection (serving and downloading, in one
 //! slab), stdin and the shutdown signals. Protocol decisions are made by the
-//! pure cores ([`ManagerLink`], [`ServeSession`], the download [`Scheduler`]);
-//! this file moves bytes between them, the sockets and the disk.
+//! pure cores ([`ManagerLink`], [`ServeSession`], the download scheduler);
+//! this module moves bytes between them, the sockets and the disk: the loop,
+//! timers, stdin and downloads here, the manager connection in
+//! `manager_conn.rs`, serving in `serving.rs`.
 
 mod manager_conn;
 mod serving;
