@@ -27,7 +27,8 @@ pub enum IoStatus {
     Done,
 }
 
-/// Room kept free at the end of the read buffer; also its starting size.
+/// Default room kept free at the end of the read buffer beyond the frame at
+/// its front: enough for the small frames of control and serving links.
 const READ_CHUNK: usize = 64 << 10;
 
 /// Sent bytes at the front of the write buffer beyond this are dropped.
@@ -46,6 +47,8 @@ pub struct Conn {
     read_buf: Vec<u8>,
     read_start: usize,
     read_end: usize,
+    /// Spare room wanted per read; see [`Conn::set_read_chunk`].
+    read_chunk: usize,
     write_buf: Vec<u8>,
     write_start: usize,
     /// Chunk payloads to send straight from files, each after the buffer
@@ -62,6 +65,7 @@ impl Conn {
             read_buf: Vec::new(),
             read_start: 0,
             read_end: 0,
+            read_chunk: READ_CHUNK,
             write_buf: Vec::new(),
             write_start: 0,
             file_segments: VecDeque::new(),
@@ -76,6 +80,13 @@ impl Conn {
             interest,
             ..Conn::new(stream, peer)
         }
+    }
+
+    /// Reads up to about this much at a time (the buffer holds the frame at
+    /// its front plus this). Bulk receivers want more per read; every byte
+    /// of it is resident, so small links keep the default.
+    pub fn set_read_chunk(&mut self, bytes: usize) {
+        self.read_chunk = bytes.max(MIN_READ);
     }
 
     pub fn peer_addr(&self) -> SocketAddr {
@@ -160,7 +171,7 @@ impl Conn {
             // A bad header is reported by `next_frame`; just read a little.
             _ => HEADER_LEN,
         };
-        let want = frame_len.max(READ_CHUNK) + READ_CHUNK;
+        let want = frame_len.max(self.read_chunk) + self.read_chunk;
         if self.read_buf.len() < want {
             self.read_buf.resize(want, 0);
         }

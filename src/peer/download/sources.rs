@@ -16,6 +16,12 @@ use crate::peer::scheduler::{Action, Arrival, Scheduler, SchedulerConfig, Source
 use crate::store::{self, Manifest, PartialFile};
 use crate::wire::{Message, PROTOCOL_VERSION, PeerEntry, PeerId, Role};
 
+/// Bytes read per call on a source connection. Measured (1 GiB, one seeder,
+/// 32 KiB chunks, median of 7): 64 KiB 1380 MB/s, 256 KiB 1580, 512 KiB
+/// 1465, 1 MiB 1430: fewer reads and loop turns per chunk, while a read's
+/// worth of chunks is still in cache when it is hashed and written.
+const SOURCE_READ_CHUNK: usize = 256 << 10;
+
 impl Download {
     pub(super) fn connect(&mut self, holder: PeerEntry, ctx: &mut Ctx<'_>) {
         let result = TcpStream::connect(holder.addr).and_then(|stream| {
@@ -28,8 +34,9 @@ impl Download {
                 Token(id.0),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            let conn =
+            let mut conn =
                 Conn::new_registered(stream, holder.addr, Interest::READABLE | Interest::WRITABLE);
+            conn.set_read_chunk(SOURCE_READ_CHUNK);
             entry.insert(PeerConn::Source {
                 conn,
                 connected: false,
