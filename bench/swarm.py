@@ -4,7 +4,7 @@
     python3 bench/swarm.py [--size-mib 1024] [--quick] [--out bench-out/]
 
 Builds the release binaries, then runs each scenario in temp folders and
-prints one table (median of 3 runs; 1 run with --quick):
+prints one table (median of 5 runs; 1 run with --quick):
 
   a   one seeder -> one downloader, beside a raw single-stream TCP copy of the
       same file measured in the same run (sendfile -> recv -> write -> fsync,
@@ -539,7 +539,7 @@ class Bench:
     def add(self, med, ref_label, ref_mbps):
         self.rows.append((med, ref_label, ref_mbps))
 
-    def loopback(self, name, mib, limits, clients=1, ref=("raw TCP", None), floor=20):
+    def loopback(self, name, mib, limits, clients=1, ref=("raw TCP best", None), floor=20):
         src = self.file(mib)
         work = self.work / re.sub(r"\W+", "-", name).strip("-")
         print(f"== {name}", file=sys.stderr)
@@ -548,7 +548,7 @@ class Bench:
                 swarm, src, work, name, r, self.timeline, clients=clients,
                 timeout=self.timeout_for(mib * clients, floor)))
         label, mbps = ref
-        self.add(med, label, self.raw_mbps if label == "raw TCP" else mbps)
+        self.add(med, label, self.raw_mbps if label == "raw TCP best" else mbps)
         return med
 
     def scenario_a(self):
@@ -567,9 +567,17 @@ class Bench:
                 gets.append(self.one(name, r, lambda r: download(
                     swarm, src, work, name, r, self.timeline, timeout=timeout)))
         raw = combine(raw_name, raws)
+        # The reference is what one raw stream *can* do here: its best run.
+        # On this VM single streams are bimodal (450-1560 MB/s from run to
+        # run, same binary) while shoal's runs stay within ~15 %, so a median
+        # of the raw runs would make the ratio flatter us. Best-of is the
+        # conservative reference; every run is in the CSV.
+        good = [r.mbps for r in raws if r.mbps]
+        raw.mbps = max(good) if good else None
+        raw.note = "best of the runs (the reference)"
         self.raw_mbps = raw.mbps
         self.add(raw, "", None)
-        self.add(combine(name, gets), "raw TCP", raw.mbps)
+        self.add(combine(name, gets), "raw TCP best", raw.mbps)
         self.loopback(f"a2 4 seeders -> 1, {mib} MiB", mib, [None] * 4)
 
     def scenario_b(self):
@@ -724,7 +732,7 @@ def main():
     ap.add_argument("--out", default="bench-out/", help="where the CSV (and PNG) go")
     args = ap.parse_args()
     size_mib = args.size_mib or (256 if args.quick else 1024)
-    runs = 1 if args.quick else 3
+    runs = 1 if args.quick else 5  # this VM is bimodal run to run: 3 is too few
     out = Path(args.out)
     if not out.is_absolute():
         out = Path.cwd() / out
