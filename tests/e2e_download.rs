@@ -477,3 +477,30 @@ fn a_full_disk_is_reported_and_nothing_is_lost() {
         b"already here"
     );
 }
+
+#[test]
+fn connections_over_the_cap_are_refused_as_busy_and_others_still_served() {
+    let manager = Manager::start(0.5, 3.0);
+    let (_s, src) = source_file(MIB, 13);
+    let (_d1, seed) = seeder(manager.addr, &src, "cap.bin", &["--max-conns", "1"]);
+    // The first connection holds the only slot (it stays open, idle).
+    let mut first = TcpStream::connect(seed.addr).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut hello = [0u8; 5];
+    first.read_exact(&mut hello).unwrap();
+    // The second is turned away with a Busy error frame.
+    let got = raw_exchange(seed.addr, &[], |m| matches!(m, Message::Error { .. }));
+    assert!(
+        got.iter()
+            .any(|f| error_code(f) == Some(wire::ErrorCode::Busy)),
+        "no Busy frame"
+    );
+    // Once the slot is free, a download gets through.
+    drop(first);
+    let dl = TempDir::new().unwrap();
+    let (ok, _, err) = get(dl.path(), manager.addr, "cap.bin");
+    assert!(ok, "{err}");
+    assert!(same_bytes(&src, &dl.path().join("cap.bin")));
+}

@@ -132,38 +132,24 @@ impl Server {
     }
 
     fn accept_all(&mut self, now: Instant) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let mut conn = Conn::new(stream, addr);
-                    if self.conns.len() >= self.max_conns {
-                        log::warn!("refusing {addr}: {} connections open", self.conns.len());
-                        conn.send(&Message::Error {
-                            code: ErrorCode::Busy,
-                            reason: "manager is at its connection limit".into(),
-                        });
-                        conn.flush_and_close();
-                        continue;
-                    }
-                    let entry = self.conns.vacant_entry();
-                    let id = ConnId(entry.key());
-                    if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
-                        log::warn!("cannot register connection from {addr}: {e}");
-                        continue;
-                    }
-                    entry.insert(conn);
-                    log::debug!("connection {} from {addr}", id.0);
-                    self.registry.handle_connected(id, now);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: log and let the next event retry.
-                    log::warn!("accept failed: {e}");
-                    break;
-                }
+        for mut conn in net::accept_pending(&self.listener) {
+            let addr = conn.peer_addr();
+            if self.conns.len() >= self.max_conns {
+                conn.refuse_busy(format!(
+                    "manager is at its limit of {} connections",
+                    self.max_conns
+                ));
+                continue;
             }
+            let entry = self.conns.vacant_entry();
+            let id = ConnId(entry.key());
+            if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
+                log::warn!("cannot register connection from {addr}: {e}");
+                continue;
+            }
+            entry.insert(conn);
+            log::debug!("connection {} from {addr}", id.0);
+            self.registry.handle_connected(id, now);
         }
         self.apply_actions(now);
     }

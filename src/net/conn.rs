@@ -293,6 +293,16 @@ impl Conn {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
+    /// Turns a connection away over a limit: a `Busy` error frame, then close.
+    pub fn refuse_busy(mut self, reason: String) {
+        log::warn!("refusing {}: {reason}", self.peer);
+        self.send(&Message::Error {
+            code: crate::wire::ErrorCode::Busy,
+            reason,
+        });
+        self.flush_and_close();
+    }
+
     /// Whether a nonblocking connect finished: `Ok(true)` once connected.
     pub fn is_connected(&self) -> io::Result<bool> {
         if let Some(e) = self.stream.take_error()? {

@@ -18,6 +18,28 @@ pub struct ConnId(pub usize);
 /// turn; the connection is revisited on the next turn.
 pub const READ_BUDGET: usize = 4 << 20;
 
+/// Accepts every connection waiting on `listener` (edge-triggered: until
+/// `WouldBlock`), with Nagle off, as unregistered `Conn`s. An accept error
+/// (EMFILE and friends) is logged and ends the round; the next event retries.
+pub fn accept_pending(listener: &mio::net::TcpListener) -> Vec<Conn> {
+    let mut accepted = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                accepted.push(Conn::new(stream, addr));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                break;
+            }
+        }
+    }
+    accepted
+}
+
 /// The earlier of two optional deadlines.
 pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {

@@ -251,8 +251,14 @@ impl Download {
             sched.handle_timeout(ctx.now);
         }
         self.drive(ctx);
-        if self.locate_at.is_some_and(|t| t <= ctx.now) && ctx.link.is_ready() {
-            self.locate(ctx);
+        if self.locate_at.is_some_and(|t| t <= ctx.now) {
+            if ctx.link.is_ready() {
+                self.locate(ctx);
+            } else {
+                // The manager is away: try again later rather than leave a
+                // deadline in the past (the loop would spin on it).
+                self.locate_at = Some(ctx.now + LOCATE_RETRY);
+            }
         }
         if ctx.now >= self.next_save {
             self.next_save = ctx.now + SAVE_INTERVAL;

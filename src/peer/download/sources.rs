@@ -2,7 +2,6 @@
 //! manifest, verifying and storing each chunk as it arrives, and turning the
 //! scheduler's decisions into requests, cancels and dropped connections.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -351,14 +350,15 @@ impl Download {
         let Some(root) = self.manifest.as_ref().map(|m| m.root) else {
             return;
         };
-        let by_sid: BTreeMap<SourceId, ConnId> =
-            self.sources.iter().map(|(&k, s)| (s.id, k)).collect();
+        // A handful of sources: a scan beats building a map on every call.
+        let sources = &self.sources;
+        let conn_of = |sid: SourceId| sources.iter().find(|(_, s)| s.id == sid).map(|(&k, _)| k);
         let mut touched = Vec::new();
         let mut dropped = Vec::new();
         while let Some(action) = sched.poll_action() {
             match action {
                 Action::Request { source, index } | Action::Cancel { source, index } => {
-                    let Some(&id) = by_sid.get(&source) else {
+                    let Some(id) = conn_of(source) else {
                         continue;
                     };
                     if let Some(PeerConn::Source { conn, .. }) = ctx.conns.get_mut(id.0) {
@@ -372,9 +372,8 @@ impl Download {
                     }
                 }
                 Action::DropSource { source, reason } => {
-                    if let Some((&id, s)) = by_sid
-                        .get(&source)
-                        .and_then(|id| self.sources.get_key_value(id))
+                    if let Some((id, s)) =
+                        conn_of(source).and_then(|id| Some((id, sources.get(&id)?)))
                     {
                         log::warn!("dropping peer {} at {}: {reason}", s.peer, s.addr);
                         dropped.push(id);

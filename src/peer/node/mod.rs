@@ -289,21 +289,29 @@ impl Node {
                 self.pump_serving(id, now);
             }
         }
+        // Only what is due: this runs every loop turn, and a busy download
+        // takes a turn per read.
         let expired: Vec<ConnId> = self
             .conns
             .iter_mut()
             .filter_map(|(k, pc)| match pc {
-                PeerConn::Serving { session, .. } => {
+                PeerConn::Serving { session, .. }
+                    if session.poll_timeout().is_some_and(|t| t <= now) =>
+                {
                     session.handle_timeout(now);
                     Some(ConnId(k))
                 }
-                PeerConn::Source { .. } => None,
+                _ => None,
             })
             .collect();
         for id in expired {
             self.apply_serve_actions(id);
         }
-        if self.download.is_some() {
+        if self
+            .download
+            .as_ref()
+            .is_some_and(|d| d.poll_timeout().is_some_and(|t| t <= now))
+        {
             self.with_download(now, |d, ctx| d.handle_timeout(ctx));
         }
         if now >= self.next_rescan {

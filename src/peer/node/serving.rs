@@ -2,56 +2,45 @@
 //! [`ServeSession`] each, and moving the chunks they ask for from disk to the
 //! socket (by `sendfile`) as fast as the socket drains and the upload limit allows.
 
-use std::io;
 use std::time::Instant;
 
 use mio::Token;
 
 use super::*;
-use crate::net::{self, Conn, ConnId, IoStatus};
+use crate::net::{self, ConnId, IoStatus};
 use crate::peer::serve::{ServeAction, ServeConfig, ServeSession};
 use crate::wire::{self, ErrorCode, Message};
 
 impl Node {
     pub(super) fn accept_all(&mut self, now: Instant) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let serving = self
-                        .conns
-                        .iter()
-                        .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
-                        .count();
-                    let mut conn = Conn::new(stream, addr);
-                    if serving >= self.config.max_conns {
-                        log::warn!("refusing {addr}: already serving {serving} connections");
-                        conn.send(&Message::Error {
-                            code: ErrorCode::Busy,
-                            reason: format!("this peer serves at most {serving} connections"),
-                        });
-                        conn.flush_and_close();
-                        continue;
-                    }
-                    let entry = self.conns.vacant_entry();
-                    let id = ConnId(entry.key());
-                    if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
-                        log::warn!("cannot register {addr}: {e}");
-                        continue;
-                    }
-                    log::debug!("serving {addr} on connection {}", id.0);
-                    entry.insert(PeerConn::Serving {
-                        conn,
-                        session: ServeSession::new(ServeConfig::default(), now),
-                    });
-                    self.apply_serve_actions(id);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    break;
-                }
+        for mut conn in net::accept_pending(&self.listener) {
+            let addr = conn.peer_addr();
+            let serving = self
+                .conns
+                .iter()
+                .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
+                .count();
+            if serving >= self.config.max_conns {
+                conn.refuse_busy(format!(
+                    "this peer serves at most {} connections",
+                    self.config.max_conns
+                ));
+                continue;
+            }
+            let entry = self.conns.vacant_entry();
+            let id = ConnId(entry.key());
+            if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
+                log::warn!("cannot register {addr}: {e}");
+                continue;
+            }
+            log::debug!("serving {addr} on connection {}", id.0);
+            entry.insert(PeerConn::Serving {
+                conn,
+                session: ServeSession::new(ServeConfig::default(), now),
+            });
+            // Our hello goes out now, not when the other side first speaks.
+            if self.apply_serve_actions(id) {
+                self.pump_serving(id, now);
             }
         }
     }
