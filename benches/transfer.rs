@@ -131,10 +131,10 @@ fn transfer(c: &mut Criterion) {
             for _ in 0..iters {
                 let dir = tempfile::tempdir().expect("create the downloader's folder");
                 let mode = Mode::Get {
-                    request: GetRequest {
+                    requests: vec![GetRequest {
                         name: name.clone(),
                         hash: None,
-                    },
+                    }],
                     seed: false,
                 };
                 let t = Instant::now();

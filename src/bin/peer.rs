@@ -75,12 +75,14 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Download NAME from the network into DIR, print a summary, and exit.
+    /// Download each NAME from the network into DIR (all at once), print a
+    /// summary for each, and exit.
     Get {
-        /// File name as the network lists it (see `peer files`).
-        #[arg(value_parser = parse_name)]
-        name: FileName,
-        /// Fetch only this version (64 hex digits, as `files` shows the start of).
+        /// File names as the network lists them (see `peer files`).
+        #[arg(value_parser = parse_name, required = true, num_args = 1..)]
+        names: Vec<FileName>,
+        /// Fetch only this version (64 hex digits, as `files` shows the start
+        /// of); only with a single NAME.
         #[arg(long, value_parser = parse_hash)]
         hash: Option<Hash>,
         /// Keep running and sharing after the download.
@@ -131,10 +133,16 @@ fn run(args: Args) -> Result<(), String> {
     let mode = match args.command {
         Some(Cmd::Peers) => return query(args.manager, Query::ListPeers),
         Some(Cmd::Files) => return query(args.manager, Query::ListFiles),
-        Some(Cmd::Get { name, hash, seed }) => Mode::Get {
-            request: GetRequest { name, hash },
-            seed,
-        },
+        Some(Cmd::Get { names, hash, seed }) => {
+            if hash.is_some() && names.len() > 1 {
+                return Err("--hash names one version of one file: give a single NAME".into());
+            }
+            let requests = names
+                .into_iter()
+                .map(|name| GetRequest { name, hash })
+                .collect();
+            Mode::Get { requests, seed }
+        }
         None => Mode::Interactive,
     };
     let dir = args

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::net::ConnId;
 use crate::wire::{
-    ErrorCode, FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION,
-    PeerEntry, PeerId, Role,
+    Accept, ErrorCode, FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION,
+    PeerEntry, PeerId, Role, accept,
 };
 
 /// Timers of the membership protocol.
@@ -220,6 +220,21 @@ impl Registry {
                 self.refuse(conn, ErrorCode::Protocol, reason, now);
             }
         }
+    }
+
+    /// What the next frame from `conn` may be: only a hello before the hello,
+    /// and a big file list only from a registered member.
+    pub fn accepts(&self, conn: ConnId) -> Accept {
+        match self.conns.get(&conn) {
+            Some(ConnState::Member(_)) => accept::MANAGER_MEMBER,
+            Some(ConnState::Client) => accept::MANAGER_CLIENT,
+            _ => accept::MANAGER_BEFORE_HELLO,
+        }
+    }
+
+    /// True while actions wait to be drained.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     /// Fires due timers: handshake and member timeouts, pings, the broadcast.

@@ -12,8 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::registry::{Action, Registry, RegistryConfig};
-use crate::net::{self, Conn, ConnId, IoStatus, StdinLines};
-use crate::wire::{ErrorCode, Message};
+use crate::net::{self, Conn, ConnId, Flow, ReadEnd, StdinLines};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const STDIN: Token = Token(usize::MAX - 2);
@@ -147,6 +146,7 @@ impl Server {
                 log::warn!("cannot register connection from {addr}: {e}");
                 continue;
             }
+            conn.set_accept(crate::wire::accept::MANAGER_BEFORE_HELLO);
             entry.insert(conn);
             log::debug!("connection {} from {addr}", id.0);
             self.registry.handle_connected(id, now);
@@ -158,40 +158,27 @@ impl Server {
         let Some(conn) = self.conns.get_mut(id.0) else {
             return; // stale token: already closed this turn
         };
-        let status = conn.fill(net::READ_BUDGET);
         let remote = conn.peer_addr();
-        loop {
-            let Some(conn) = self.conns.get_mut(id.0) else {
-                return;
-            };
-            match conn.next_frame() {
-                Ok(Some((msg, used))) => {
-                    self.registry.handle_message(id, remote, msg, now);
-                    conn.consume(used);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("{remote}: {e}; closing");
-                    conn.send(&Message::Error {
-                        code: ErrorCode::Protocol,
-                        reason: e.to_string(),
-                    });
-                    self.registry.handle_disconnected(id, now);
-                    self.close(id);
-                    return;
+        let registry = &mut self.registry;
+        let end = conn.read_frames(|msg| {
+            registry.handle_message(id, remote, msg, now);
+            // Queue each answer before decoding the next request, so a
+            // client that does not read is held by backpressure.
+            if registry.has_actions() {
+                Flow::Yield
+            } else {
+                Flow::Expect(registry.accepts(id))
+            }
+        });
+        conn.set_accept(self.registry.accepts(id));
+        match end {
+            ReadEnd::Open { revisit } => {
+                if revisit {
+                    self.revisit.push(id);
                 }
             }
-        }
-        match status {
-            Ok(IoStatus::WouldBlock) => {}
-            Ok(IoStatus::Budget) => self.revisit.push(id),
-            Ok(IoStatus::Done) => {
-                log::debug!("{remote} closed the connection");
-                self.registry.handle_disconnected(id, now);
-                self.close(id);
-            }
-            Err(e) => {
-                log::debug!("{remote}: read error: {e}");
+            ReadEnd::Closed(why) => {
+                log::debug!("{remote}: {why}");
                 self.registry.handle_disconnected(id, now);
                 self.close(id);
             }
@@ -214,6 +201,8 @@ impl Server {
             );
             self.registry.handle_disconnected(id, now);
             self.close(id);
+        } else if conn.should_resume_reading() {
+            self.revisit.push(id);
         }
     }
 
@@ -238,9 +227,8 @@ impl Server {
     }
 
     fn close(&mut self, id: ConnId) {
-        if let Some(mut conn) = self.conns.try_remove(id.0) {
-            conn.deregister(self.poll.registry());
-            conn.flush_and_close();
+        if let Some(conn) = self.conns.try_remove(id.0) {
+            conn.close(self.poll.registry());
         }
     }
 

@@ -1,7 +1,10 @@
-//! A nonblocking TCP connection with a frame-aware read buffer and a bounded
-//! write buffer, following mio's edge-triggered rules: reads and writes run
-//! until `WouldBlock` (or a per-turn budget), and WRITABLE interest is held
-//! only while there are bytes to send.
+//! The one connection driver every shell uses: a nonblocking TCP connection
+//! with a frame-aware read buffer and a bounded write buffer, following mio's
+//! edge-triggered rules (reads and writes run until `WouldBlock` or a per-turn
+//! budget; WRITABLE interest only while there are bytes to send), and the read
+//! loop written once ([`Conn::read_frames`]): fill, decode each frame under
+//! the state's [`Accept`] limits, hand it to the core, hold reads while our
+//! replies pile up unread, and end with a typed [`CloseReason`].
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -13,7 +16,7 @@ use std::rc::Rc;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::wire::{self, DecodeError, HEADER_LEN, Message};
+use crate::wire::{self, Accept, DecodeError, HEADER_LEN, Message};
 
 /// How a read or write pass over the socket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +40,61 @@ const COMPACT_WRITES_ABOVE: usize = 64 << 10;
 /// An empty read or write buffer larger than this is freed.
 const SHRINK_ABOVE: usize = 1 << 20;
 
+/// Requests are not read from a connection while more than this of our
+/// replies to it waits unsent: a client that does not read cannot make us
+/// queue more (backpressure; see docs/SECURITY.md).
+const HOLD_READS_ABOVE: usize = 256 << 10;
+
+/// What a frame handler tells the read loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on with the next frame.
+    Continue,
+    /// Go on, accepting what the new state allows from the next frame on.
+    Expect(Accept),
+    /// Stop decoding for now: the core has output for this connection that
+    /// the shell should queue first (the connection is revisited next turn,
+    /// and held there if the output is not being read).
+    Yield,
+    /// The core is done with this connection; stop reading it.
+    Close,
+}
+
+/// Why the read loop ended a connection.
+#[derive(Debug)]
+pub enum CloseReason {
+    /// The other end closed its side.
+    PeerClosed,
+    Io(io::Error),
+    /// A frame that does not decode or is wrong for the state; an error
+    /// frame saying so is already queued.
+    BadFrame(DecodeError),
+    /// The frame handler's core closed it (and logged why).
+    Handler,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("closed by the other end"),
+            CloseReason::Io(e) => write!(f, "connection error: {e}"),
+            CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
+            CloseReason::Handler => f.write_str("closed by us"),
+        }
+    }
+}
+
+/// How a read pass left the connection.
+#[derive(Debug)]
+pub enum ReadEnd {
+    /// Still open. With `revisit`, bytes may be waiting that no new edge
+    /// will announce: read again next turn.
+    Open {
+        revisit: bool,
+    },
+    Closed(CloseReason),
+}
+
 /// Below this much spare room, compact or grow before reading again.
 const MIN_READ: usize = 16 << 10;
 
@@ -55,6 +113,13 @@ pub struct Conn {
     /// bytes before its position `at`.
     file_segments: VecDeque<FileSegment>,
     interest: Interest,
+    /// What the next frame may be; see [`Conn::read_frames`].
+    accept: Accept,
+    /// Reads were held back (backpressure, or the shell asked): once that
+    /// ends, the shell must read again, since no new edge may come.
+    reads_held: bool,
+    /// The shell holds reads (e.g. while it streams a big reply).
+    hold_reads: bool,
 }
 
 impl Conn {
@@ -70,7 +135,101 @@ impl Conn {
             write_start: 0,
             file_segments: VecDeque::new(),
             interest: Interest::READABLE,
+            accept: wire::accept::PEER_BEFORE_HELLO,
+            reads_held: false,
+            hold_reads: false,
         }
+    }
+
+    /// Opens a nonblocking connection to `addr`, registered for both
+    /// readiness kinds: WRITABLE reports whether the connect succeeded
+    /// ([`Conn::is_connected`]).
+    pub fn connect(
+        addr: SocketAddr,
+        registry: &Registry,
+        token: Token,
+        accept: Accept,
+    ) -> io::Result<Conn> {
+        let mut stream = TcpStream::connect(addr)?;
+        let _ = stream.set_nodelay(true);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        registry.register(&mut stream, token, interest)?;
+        let mut conn = Conn::new_registered(stream, addr, interest);
+        conn.accept = accept;
+        Ok(conn)
+    }
+
+    /// Sets what the next frames may be (the state's limits).
+    pub fn set_accept(&mut self, accept: Accept) {
+        self.accept = accept;
+    }
+
+    /// Holds or releases reads at the shell's request (e.g. while a big
+    /// reply is streamed). After a release, call [`Conn::read_frames`]
+    /// again: bytes may be waiting that no new edge will announce.
+    pub fn set_hold_reads(&mut self, hold: bool) {
+        self.hold_reads = hold;
+    }
+
+    /// Reads were held and may go on now: the shell should read again.
+    pub fn should_resume_reading(&self) -> bool {
+        self.reads_held && !self.holding()
+    }
+
+    fn holding(&self) -> bool {
+        self.hold_reads || self.pending_write_bytes() > HOLD_READS_ABOVE
+    }
+
+    /// The read loop, written once for every connection: reads what the
+    /// socket has (within the per-turn budget, and not while our replies to
+    /// it pile up unread), decodes each frame under the connection's current
+    /// [`Accept`], and hands it to `on_frame`. A bad frame queues an error
+    /// frame naming the problem and ends the connection.
+    pub fn read_frames(&mut self, mut on_frame: impl FnMut(Message<'_>) -> Flow) -> ReadEnd {
+        if self.holding() {
+            self.reads_held = true;
+            return ReadEnd::Open { revisit: false };
+        }
+        self.reads_held = false;
+        let status = self.fill(super::READ_BUDGET);
+        loop {
+            let decoded = self
+                .accept
+                .decode(&self.read_buf[self.read_start..self.read_end]);
+            let (msg, used) = match decoded {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    self.send(&Message::Error {
+                        code: e.error_code(),
+                        reason: e.to_string(),
+                    });
+                    return ReadEnd::Closed(CloseReason::BadFrame(e));
+                }
+            };
+            let flow = on_frame(msg);
+            self.consume(used);
+            match flow {
+                Flow::Continue => {}
+                Flow::Expect(accept) => self.accept = accept,
+                Flow::Yield => return ReadEnd::Open { revisit: true },
+                Flow::Close => return ReadEnd::Closed(CloseReason::Handler),
+            }
+        }
+        match status {
+            Ok(IoStatus::WouldBlock) => ReadEnd::Open { revisit: false },
+            Ok(IoStatus::Budget) => ReadEnd::Open { revisit: true },
+            Ok(IoStatus::Done) => ReadEnd::Closed(CloseReason::PeerClosed),
+            Err(e) => ReadEnd::Closed(CloseReason::Io(e)),
+        }
+    }
+
+    /// Flushes once more, then deregisters and closes (the one way every
+    /// shell ends a connection; deregistering comes before the slab removal
+    /// the caller does, as mio asks).
+    pub fn close(mut self, registry: &Registry) {
+        self.deregister(registry);
+        self.flush_and_close();
     }
 
     /// A connection whose stream the caller already registered with
@@ -128,7 +287,7 @@ impl Conn {
 
     /// Reads until `WouldBlock`, EOF, `budget` bytes, or a buffer full of
     /// complete frames (`Budget`: decode them, then call again next turn).
-    pub fn fill(&mut self, budget: usize) -> io::Result<IoStatus> {
+    fn fill(&mut self, budget: usize) -> io::Result<IoStatus> {
         let mut read = 0;
         while read < budget {
             if !self.make_room() {
@@ -166,25 +325,24 @@ impl Conn {
             self.read_end -= self.read_start;
             self.read_start = 0;
         }
-        let frame_len = match wire::peek_header(&self.read_buf[..self.read_end]) {
+        let frame_len = match self.accept.check_header(&self.read_buf[..self.read_end]) {
             Ok(Some((_, body))) => HEADER_LEN + body,
-            // A bad header is reported by `next_frame`; just read a little.
+            // A bad header is reported by the decoder; just read a little.
             _ => HEADER_LEN,
         };
+        // Room for the frame at the front plus a read's worth, but grown
+        // only as bytes arrive (at most doubling what is buffered): a header
+        // that announces megabytes and then goes quiet costs one read's worth.
         let want = frame_len.max(self.read_chunk) + self.read_chunk;
+        let grown = (2 * self.read_end).max(self.read_chunk + MIN_READ);
+        let want = want.min(grown).max(self.read_end + MIN_READ);
         if self.read_buf.len() < want {
             self.read_buf.resize(want, 0);
         }
         self.read_end < self.read_buf.len()
     }
 
-    /// The next complete frame, borrowed from the read buffer. Call
-    /// [`Conn::consume`] with the returned length once done with the message.
-    pub fn next_frame(&self) -> Result<Option<(Message<'_>, usize)>, DecodeError> {
-        wire::decode(&self.read_buf[self.read_start..self.read_end])
-    }
-
-    pub fn consume(&mut self, n: usize) {
+    fn consume(&mut self, n: usize) {
         self.read_start += n;
         if self.read_start == self.read_end {
             self.read_start = 0;

@@ -5,7 +5,7 @@
 mod conn;
 mod stdin;
 
-pub use conn::{Conn, IoStatus};
+pub use conn::{CloseReason, Conn, Flow, IoStatus, ReadEnd};
 pub use stdin::StdinLines;
 
 use std::time::{Duration, Instant};

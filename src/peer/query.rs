@@ -6,25 +6,25 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 
 use super::link::{LinkAction, LinkConfig, LinkEvent, LinkMode, ManagerLink, Query};
 use super::node::NodeError;
 use super::output;
-use crate::net::{self, Conn, IoStatus};
+use crate::net::{self, CloseReason, Conn, Flow, ReadEnd};
+use crate::wire::accept;
 
 const MANAGER: Token = Token(0);
 
 /// Asks `query` and returns the answer formatted for printing.
 pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
     let unreachable = |why: String| {
-        NodeError(format!(
+        NodeError::Manager(format!(
             "cannot reach the manager at {manager}: {why} (is it running? see --manager)"
         ))
     };
     let mut poll =
-        Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
+        Poll::new().map_err(|e| NodeError::Setup(format!("cannot create the event loop: {e}")))?;
     let mut link = ManagerLink::new(LinkMode::QueryOnly, LinkConfig::default(), Instant::now());
     link.ask(query);
     let mut conn: Option<Conn> = None;
@@ -34,13 +34,9 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
         while let Some(action) = link.poll_action() {
             match action {
                 LinkAction::Connect => {
-                    let mut stream =
-                        TcpStream::connect(manager).map_err(|e| unreachable(e.to_string()))?;
-                    let interest = Interest::READABLE | Interest::WRITABLE;
-                    poll.registry()
-                        .register(&mut stream, MANAGER, interest)
+                    let c = Conn::connect(manager, poll.registry(), MANAGER, accept::LINK)
                         .map_err(|e| unreachable(e.to_string()))?;
-                    conn = Some(Conn::new_registered(stream, manager, interest));
+                    conn = Some(c);
                 }
                 LinkAction::Send(msg) => {
                     if let Some(c) = conn.as_mut() {
@@ -57,7 +53,7 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
                 LinkAction::Event(LinkEvent::Lost { .. }) => {
                     return Err(unreachable("connection lost or refused".into()));
                 }
-                LinkAction::Event(LinkEvent::Refused(why)) => return Err(NodeError(why)),
+                LinkAction::Event(LinkEvent::Refused(why)) => return Err(NodeError::Manager(why)),
                 LinkAction::Event(_) => {}
             }
         }
@@ -70,7 +66,7 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
         if let Err(e) = poll.poll(&mut events, net::timeout_until(link.poll_timeout(), now))
             && e.kind() != io::ErrorKind::Interrupted
         {
-            return Err(NodeError(format!("event loop failed: {e}")));
+            return Err(NodeError::Loop(e));
         }
         let now = Instant::now();
         if !events.is_empty() {
@@ -85,13 +81,21 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
                     Err(e) => return Err(unreachable(e.to_string())),
                 }
             }
-            let status = c.fill(net::READ_BUDGET);
-            while let Some((msg, used)) = c.next_frame().map_err(|e| unreachable(e.to_string()))? {
-                link.handle_message(msg, now);
-                c.consume(used);
-            }
-            if !matches!(status, Ok(IoStatus::WouldBlock) | Ok(IoStatus::Budget)) {
-                link.handle_disconnected(now);
+            loop {
+                let end = c.read_frames(|msg| {
+                    link.handle_message(msg, now);
+                    Flow::Continue
+                });
+                match end {
+                    // One connection only: read the rest of a burst now.
+                    ReadEnd::Open { revisit: true } => continue,
+                    ReadEnd::Open { revisit: false } => {}
+                    ReadEnd::Closed(CloseReason::BadFrame(e)) => {
+                        return Err(unreachable(e.to_string()));
+                    }
+                    ReadEnd::Closed(_) => link.handle_disconnected(now),
+                }
+                break;
             }
         }
         link.handle_timeout(now);

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::store::Manifest;
-use crate::wire::{ErrorCode, FileName, Hash, Message, PROTOCOL_VERSION, Role};
+use crate::wire::{Accept, ErrorCode, FileName, Hash, Message, PROTOCOL_VERSION, Role, accept};
 
 /// The files a peer serves, looked up by name (manifests) or root (chunks).
 pub trait Catalog {
@@ -179,6 +179,19 @@ impl ServeSession {
             log::debug!("closing serving connection: {:?} timed out", self.state);
             self.close();
         }
+    }
+
+    /// What the next frame may be: a hello first, then requests only.
+    pub fn accepts(&self) -> Accept {
+        match self.state {
+            State::AwaitingHello { .. } => accept::PEER_BEFORE_HELLO,
+            State::Ready { .. } | State::Closing => accept::SERVING,
+        }
+    }
+
+    /// True while actions wait to be drained.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     #[must_use]

@@ -8,6 +8,9 @@ pub enum DecodeError {
     TooLong { kind: u8, len: usize, max: usize },
     /// A frame kind this version does not know.
     UnknownKind(u8),
+    /// A known kind that the connection's state never accepts (a chunk sent
+    /// to a server, a file list before registering).
+    Unexpected { kind: u8, state: &'static str },
     /// The body ended before a field it must contain.
     Truncated { kind: u8 },
     /// The body carried bytes after its last field.
@@ -30,6 +33,11 @@ impl fmt::Display for DecodeError {
                 "frame kind 0x{kind:02x} announces {len} bytes, over its limit of {max}"
             ),
             DecodeError::UnknownKind(kind) => write!(f, "unknown frame kind 0x{kind:02x}"),
+            DecodeError::Unexpected { kind, state } => write!(
+                f,
+                "frame kind 0x{kind:02x} ({}) is not accepted in state \"{state}\"",
+                super::kind_name(*kind)
+            ),
             DecodeError::Truncated { kind } => write!(f, "frame kind 0x{kind:02x} is truncated"),
             DecodeError::TrailingBytes { kind } => {
                 write!(f, "frame kind 0x{kind:02x} has trailing bytes")
@@ -53,3 +61,14 @@ impl fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+impl DecodeError {
+    /// The code of the error frame that tells the sender why we close.
+    pub fn error_code(&self) -> super::ErrorCode {
+        match self {
+            DecodeError::BadFileName(_) => super::ErrorCode::NotFound,
+            DecodeError::BadMagic(_) => super::ErrorCode::Incompatible,
+            _ => super::ErrorCode::Protocol,
+        }
+    }
+}

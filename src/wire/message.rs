@@ -14,7 +14,7 @@ use super::{
     MIN_CHUNK_SIZE,
 };
 
-mod kind {
+pub mod kind {
     pub const HELLO: u8 = 0x01;
     pub const ERROR: u8 = 0x02;
     pub const GOODBYE: u8 = 0x03;
@@ -429,6 +429,34 @@ pub fn encode_manifest(
     put_manifest_body(out, root, size, chunk_size, hashes);
     let len = (out.len() - start - 4) as u32;
     BigEndian::write_u32(&mut out[start..start + 4], len);
+}
+
+/// The front of a manifest frame of `count` hashes (header, root, size,
+/// chunk size, count), for a sender that streams the hashes after it with
+/// [`encode_manifest_hashes`] as its socket drains, rather than encoding
+/// megabytes of hashes at once for a client that may never read them.
+pub fn encode_manifest_prefix(
+    root: &Hash,
+    size: u64,
+    chunk_size: u32,
+    count: u32,
+    out: &mut Vec<u8>,
+) {
+    let len = 1 + 32 + 8 + 4 + 4 + 32 * count as usize;
+    put_u32(out, len as u32);
+    out.push(kind::MANIFEST);
+    out.extend_from_slice(&root.0);
+    put_u64(out, size);
+    put_u32(out, chunk_size);
+    put_u32(out, count);
+}
+
+/// The next hashes of a manifest begun with [`encode_manifest_prefix`].
+pub fn encode_manifest_hashes(hashes: &[Hash], out: &mut Vec<u8>) {
+    out.reserve(32 * hashes.len());
+    for h in hashes {
+        out.extend_from_slice(&h.0);
+    }
 }
 
 fn put_manifest_body(out: &mut Vec<u8>, root: &Hash, size: u64, chunk_size: u32, hashes: &[Hash]) {

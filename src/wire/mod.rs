@@ -5,6 +5,7 @@
 //! [`Message`] or "need more"; [`encode`] appends to a reused `Vec<u8>`.
 //! `docs/PROTOCOL.md` documents every frame byte by byte.
 
+pub mod accept;
 mod cursor;
 mod error;
 mod message;
@@ -13,10 +14,11 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use accept::Accept;
 pub use error::DecodeError;
 pub use message::{
-    Message, decode, encode, encode_chunk_header, encode_manifest, kind_name, max_body_len,
-    peek_header,
+    Message, decode, encode, encode_chunk_header, encode_manifest, encode_manifest_hashes,
+    encode_manifest_prefix, kind_name, max_body_len, peek_header,
 };
 pub use types::{
     ErrorCode, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry, PeerId, Role,

@@ -3,12 +3,10 @@
 
 use std::time::Instant;
 
-use mio::Interest;
-use mio::net::TcpStream;
-
 use super::*;
-use crate::net::{self, Conn, IoStatus};
+use crate::net::{Conn, Flow, ReadEnd};
 use crate::peer::link::{LinkAction, LinkEvent, Query};
+use crate::wire::accept;
 
 impl Node {
     pub(super) fn handle_manager_event(&mut self, event: &mio::event::Event, now: Instant) {
@@ -27,29 +25,24 @@ impl Node {
                 Err(e) => return self.manager_lost(now, e.to_string()),
             }
         }
+        self.handle_manager_readable(now);
+    }
+
+    pub(super) fn handle_manager_readable(&mut self, now: Instant) {
+        if !self.manager_connected {
+            return;
+        }
         let Some(conn) = self.manager_conn.as_mut() else {
             return;
         };
-        let status = conn.fill(net::READ_BUDGET);
-        loop {
-            let Some(conn) = self.manager_conn.as_mut() else {
-                return;
-            };
-            match conn.next_frame() {
-                Ok(Some((msg, used))) => {
-                    self.link.handle_message(msg, now);
-                    conn.consume(used);
-                }
-                Ok(None) => break,
-                Err(e) => return self.manager_lost(now, format!("bad frame: {e}")),
-            }
-        }
-        match status {
-            Ok(IoStatus::Done) => {
-                return self.manager_lost(now, "manager closed the connection".into());
-            }
-            Err(e) => return self.manager_lost(now, e.to_string()),
-            _ => {}
+        let link = &mut self.link;
+        let end = conn.read_frames(|msg| {
+            link.handle_message(msg, now);
+            Flow::Continue
+        });
+        match end {
+            ReadEnd::Open { revisit } => self.revisit_manager |= revisit,
+            ReadEnd::Closed(why) => return self.manager_lost(now, why.to_string()),
         }
         self.apply_link_actions(now);
         self.flush_manager(now);
@@ -90,9 +83,8 @@ impl Node {
                     }
                 }
                 LinkAction::Close => {
-                    if let Some(mut conn) = self.manager_conn.take() {
-                        conn.deregister(self.poll.registry());
-                        conn.flush_and_close();
+                    if let Some(conn) = self.manager_conn.take() {
+                        conn.close(self.poll.registry());
                     }
                     self.manager_connected = false;
                 }
@@ -104,23 +96,10 @@ impl Node {
 
     pub(super) fn connect_manager(&mut self, now: Instant) {
         let addr = self.config.manager;
-        let result = TcpStream::connect(addr).and_then(|mut stream| {
-            let _ = stream.set_nodelay(true);
-            self.poll.registry().register(
-                &mut stream,
-                MANAGER,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(stream)
-        });
-        match result {
-            Ok(stream) => {
+        match Conn::connect(addr, self.poll.registry(), MANAGER, accept::LINK) {
+            Ok(conn) => {
                 log::debug!("connecting to the manager at {addr}");
-                self.manager_conn = Some(Conn::new_registered(
-                    stream,
-                    addr,
-                    Interest::READABLE | Interest::WRITABLE,
-                ));
+                self.manager_conn = Some(conn);
                 self.manager_connected = false;
             }
             Err(e) => {
@@ -132,23 +111,17 @@ impl Node {
 
     pub(super) fn handle_link_event(&mut self, event: LinkEvent, now: Instant) {
         match event {
-            LinkEvent::Registered(_) | LinkEvent::PeersChanged => {
-                if self.download.is_some() {
-                    self.with_download(now, |d, ctx| d.handle_peers_changed(ctx));
-                }
-            }
-            LinkEvent::Holders(name, groups) => {
-                if self.download.is_some() {
-                    self.with_download(now, |d, ctx| d.handle_holders(name, groups, ctx));
-                }
-            }
-            LinkEvent::Files(files) => say(&crate::peer::output::network_files(&files)),
-            LinkEvent::Peers(peers) => say(&crate::peer::output::peer_entries(&peers, None)),
+            LinkEvent::Registered(_) | LinkEvent::PeersChanged => self.handle_peers_changed(now),
+            LinkEvent::Holders(name, groups) => self.handle_holders(name, groups, now),
+            LinkEvent::Files(files) => self.say(&crate::peer::output::network_files(&files)),
+            LinkEvent::Peers(peers) => self.say(&crate::peer::output::peer_entries(&peers, None)),
             LinkEvent::QueryFailed(query) => {
-                if let (Query::WhoHas(_), true) = (&query, self.download.is_some()) {
-                    self.with_download(now, |d, ctx| d.handle_query_failed(ctx));
-                } else {
-                    say(&format!(
+                let for_download = match &query {
+                    Query::WhoHas(name) => self.handle_holders_failed(name, now),
+                    _ => false,
+                };
+                if !for_download {
+                    self.say(&format!(
                         "cannot ask the manager ({query:?}): not connected; retrying in the background\n"
                     ));
                 }

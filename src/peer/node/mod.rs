@@ -1,15 +1,19 @@
 //! The peer's event loop: one mio `Poll` over the serving listener, the
 //! manager connection, every peer connection (serving and downloading, in one
 //! slab), stdin and the shutdown signals. Protocol decisions are made by the
-//! pure cores ([`ManagerLink`], [`ServeSession`], the download scheduler);
-//! this module moves bytes between them, the sockets and the disk: the loop,
-//! timers, stdin and downloads here, the manager connection in
-//! `manager_conn.rs`, serving in `serving.rs`.
+//! pure cores ([`ManagerLink`], [`ServeSession`], [`Download`]); this module
+//! moves bytes between them, the sockets and the disk: the loop, timers and
+//! stdin here, the manager connection in `manager_conn.rs`, serving in
+//! `serving.rs`, downloads in `downloads.rs`.
 
+mod downloads;
 mod manager_conn;
 mod serving;
+mod sink;
 
-use std::io::{self, Write};
+pub use sink::{Report, Sink, StdoutSink};
+
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,10 +23,11 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::commands::{self, Command};
-use super::download::{Download, DownloadOutcome, GetRequest};
+use super::download::{DownloadError, GetRequest};
 use super::files::OpenFiles;
 use super::link::{LinkConfig, LinkMode, ManagerLink, Query};
 use super::ratelimit::TokenBucket;
+use super::scheduler::SourceId;
 use super::serve::ServeSession;
 use crate::net::{self, Conn, ConnId, StdinLines};
 use crate::store::SharedFolder;
@@ -61,30 +66,71 @@ pub struct NodeConfig {
 pub enum Mode {
     /// Share the folder and take commands on stdin until told to quit.
     Interactive,
-    /// Download one file, then exit (or keep serving with `seed`).
-    Get { request: GetRequest, seed: bool },
+    /// Download these files (at once), then exit (or keep serving with `seed`).
+    Get {
+        requests: Vec<GetRequest>,
+        seed: bool,
+    },
 }
 
-/// Why a run ended badly; the binary prints it and exits non-zero.
+/// Why a run ended badly; the binary maps each to a message and exit code.
 #[derive(Debug)]
-pub struct NodeError(pub String);
+pub enum NodeError {
+    /// The folder, the port or the event loop could not be set up.
+    Setup(String),
+    /// The event loop itself failed.
+    Loop(std::io::Error),
+    /// The manager could not be reached, or refused us.
+    Manager(String),
+    /// One or more downloads of a one-shot `get` failed (the first error).
+    Download(DownloadError),
+    /// Stopped by a signal before the downloads finished.
+    Interrupted { names: Vec<String> },
+}
 
 impl std::fmt::Display for NodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            NodeError::Setup(why) => f.write_str(why),
+            NodeError::Loop(e) => write!(f, "event loop failed: {e}"),
+            NodeError::Manager(why) => f.write_str(why),
+            NodeError::Download(e) => write!(f, "{e}"),
+            NodeError::Interrupted { names } => write!(
+                f,
+                "interrupted; the verified part of {} is kept, run the same get to resume",
+                names.join(", ")
+            ),
+        }
     }
 }
 
 impl std::error::Error for NodeError {}
 
 /// One connection to another peer: either we serve it, or it is a source of
-/// the running download.
+/// one of the running downloads.
 pub(super) enum PeerConn {
-    Serving { conn: Conn, session: ServeSession },
-    Source { conn: Conn, connected: bool },
+    Serving {
+        conn: Conn,
+        session: ServeSession,
+        /// A manifest being streamed to it.
+        manifest: Option<serving::ManifestStream>,
+    },
+    Source {
+        conn: Conn,
+        /// The download's key in `Node::downloads`.
+        job: usize,
+        source: SourceId,
+        connected: bool,
+    },
 }
 
 impl PeerConn {
+    pub(super) fn into_conn(self) -> Conn {
+        match self {
+            PeerConn::Serving { conn, .. } | PeerConn::Source { conn, .. } => conn,
+        }
+    }
+
     pub(super) fn conn(&mut self) -> &mut Conn {
         match self {
             PeerConn::Serving { conn, .. } | PeerConn::Source { conn, .. } => conn,
@@ -105,13 +151,19 @@ pub struct Node {
     limiter: Option<TokenBucket>,
     /// When the limiter next has tokens for a waiting connection.
     limiter_wake: Option<Instant>,
-    download: Option<Download>,
+    pub(super) downloads: Slab<downloads::Job>,
+    /// The first failure among a one-shot get's downloads.
+    first_failure: Option<DownloadError>,
     mode: Mode,
     stdin: StdinLines,
     awaiting_name: bool,
     signals: signal_hook_mio::v1_0::Signals,
     revisit: Vec<ConnId>,
+    /// The manager connection has bytes to read that no edge will announce.
+    revisit_manager: bool,
     next_rescan: Instant,
+    next_progress: Instant,
+    sink: Box<dyn Sink>,
     /// Set when the run should end, with its outcome.
     finished: Option<Result<(), NodeError>>,
 }
@@ -121,19 +173,19 @@ impl Node {
     /// binds the serving port and prepares the loop.
     pub fn new(config: NodeConfig, mode: Mode) -> Result<Node, NodeError> {
         let now = Instant::now();
-        let store = SharedFolder::open(&config.dir).map_err(|e| NodeError(e.to_string()))?;
-        let poll =
-            Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
+        let store = SharedFolder::open(&config.dir).map_err(|e| NodeError::Setup(e.to_string()))?;
+        let poll = Poll::new()
+            .map_err(|e| NodeError::Setup(format!("cannot create the event loop: {e}")))?;
         let mut listener = TcpListener::bind(config.listen).map_err(|e| {
-            NodeError(format!(
+            NodeError::Setup(format!(
                 "cannot listen on {}: {e} (pick another --listen)",
                 config.listen
             ))
         })?;
         let local = listener
             .local_addr()
-            .map_err(|e| NodeError(format!("cannot read the serving address: {e}")))?;
-        let setup = |e: io::Error| NodeError(format!("cannot set up the event loop: {e}"));
+            .map_err(|e| NodeError::Setup(format!("cannot read the serving address: {e}")))?;
+        let setup = |e: io::Error| NodeError::Setup(format!("cannot set up the event loop: {e}"));
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(setup)?;
@@ -173,14 +225,23 @@ impl Node {
             open_files: OpenFiles::new(16),
             limiter,
             limiter_wake: None,
-            download: None,
+            downloads: Slab::new(),
+            first_failure: None,
             mode,
             stdin,
             awaiting_name: false,
             signals,
             revisit: Vec::new(),
+            revisit_manager: false,
+            next_progress: now,
+            sink: Box::new(StdoutSink),
             finished: None,
         })
+    }
+
+    /// Sends command output and download reports to `sink` instead of stdout.
+    pub fn set_sink(&mut self, sink: Box<dyn Sink>) {
+        self.sink = sink;
     }
 
     /// The address other peers reach us at (for tests and logs).
@@ -191,15 +252,17 @@ impl Node {
     /// Runs until quit, a signal, or (for a one-shot get) the end of the download.
     pub fn run(mut self) -> Result<(), NodeError> {
         let mut events = Events::with_capacity(1024);
-        if let Mode::Get { request, .. } = self.mode.clone() {
-            self.start_download(request, Instant::now());
+        if let Mode::Get { requests, .. } = self.mode.clone() {
+            for request in requests {
+                self.start_download(request, Instant::now());
+            }
         }
         for line in self.stdin.take_preloaded() {
             self.handle_line(&line, Instant::now());
         }
         while self.finished.is_none() {
             let now = Instant::now();
-            let timeout = if self.revisit.is_empty() {
+            let timeout = if self.revisit.is_empty() && !self.revisit_manager {
                 net::timeout_until(self.next_deadline(), now)
             } else {
                 Some(Duration::ZERO)
@@ -208,11 +271,14 @@ impl Node {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(NodeError(format!("event loop failed: {e}")));
+                return Err(NodeError::Loop(e));
             }
             let now = Instant::now();
             for id in std::mem::take(&mut self.revisit) {
                 self.handle_peer_readable(id, Instant::now());
+            }
+            if std::mem::take(&mut self.revisit_manager) {
+                self.handle_manager_readable(now);
             }
             for event in events.iter() {
                 self.handle_event(event, now);
@@ -235,11 +301,15 @@ impl Node {
             SIGNALS => {
                 if self.signals.pending().next().is_some() {
                     log::info!("signal received; saying goodbye");
-                    let outcome = match (&self.mode, &self.download) {
-                        (Mode::Get { .. }, Some(d)) => Err(NodeError(format!(
-                            "interrupted; the verified part of {} is kept, run the same get to resume",
-                            d.name()
-                        ))),
+                    let names: Vec<String> = self
+                        .downloads
+                        .iter()
+                        .map(|(_, j)| j.core.name().to_string())
+                        .collect();
+                    let outcome = match &self.mode {
+                        Mode::Get { .. } if !names.is_empty() => {
+                            Err(NodeError::Interrupted { names })
+                        }
                         _ => Ok(()),
                     };
                     self.finish(outcome);
@@ -263,8 +333,11 @@ impl Node {
     fn next_deadline(&self) -> Option<Instant> {
         let mut deadline = net::earliest(self.link.poll_timeout(), Some(self.next_rescan));
         deadline = net::earliest(deadline, self.limiter_wake);
-        if let Some(d) = &self.download {
-            deadline = net::earliest(deadline, d.poll_timeout());
+        if !self.downloads.is_empty() {
+            deadline = net::earliest(deadline, Some(self.next_progress));
+        }
+        for (_, job) in self.downloads.iter() {
+            deadline = net::earliest(deadline, job.core.poll_timeout());
         }
         for (_, pc) in self.conns.iter() {
             if let PeerConn::Serving { session, .. } = pc {
@@ -307,13 +380,7 @@ impl Node {
         for id in expired {
             self.apply_serve_actions(id);
         }
-        if self
-            .download
-            .as_ref()
-            .is_some_and(|d| d.poll_timeout().is_some_and(|t| t <= now))
-        {
-            self.with_download(now, |d, ctx| d.handle_timeout(ctx));
-        }
+        self.handle_download_timers(now);
         if now >= self.next_rescan {
             self.next_rescan = now + self.config.rescan_interval;
             self.rescan();
@@ -342,7 +409,7 @@ impl Node {
         match commands::parse(line) {
             Ok(None) => {}
             Ok(Some(cmd)) => self.handle_command(cmd, now),
-            Err(e) => say(&format!("{e}\n")),
+            Err(e) => self.say(&format!("{e}\n")),
         }
     }
 
@@ -353,10 +420,10 @@ impl Node {
             }
             Command::AskName => {
                 self.awaiting_name = true;
-                say("file name: ");
+                self.say("file name: ");
             }
-            Command::Ls => say(&super::output::shared_files(&self.store)),
-            Command::Peers => say(&super::output::peer_map(
+            Command::Ls => self.say(&super::output::shared_files(&self.store)),
+            Command::Peers => self.say(&super::output::peer_map(
                 self.link.peers(),
                 self.link.peer_id(),
             )),
@@ -364,12 +431,12 @@ impl Node {
                 self.link.ask(Query::ListFiles);
                 self.apply_link_actions(now);
             }
-            Command::Status => say(&match &self.download {
-                Some(d) => d.status_line(),
-                None => "no download in progress\n".into(),
-            }),
+            Command::Status => {
+                let text = self.status_text();
+                self.say(&text);
+            }
             Command::Quit => self.finish(Ok(())),
-            Command::Help => say(commands::HELP),
+            Command::Help => self.say(commands::HELP),
         }
     }
 
@@ -381,8 +448,8 @@ impl Node {
 
     /// Saves download progress, says goodbye, and flushes what it can.
     fn shutdown(&mut self) {
-        if let Some(d) = self.download.as_mut() {
-            d.save_progress();
+        for (_, job) in self.downloads.iter_mut() {
+            job.save_progress();
         }
         self.link.shutdown();
         let now = Instant::now();
@@ -395,99 +462,7 @@ impl Node {
         }
     }
 
-    fn start_download(&mut self, request: GetRequest, now: Instant) {
-        if let Some(d) = &self.download {
-            say(&format!(
-                "already downloading {}; wait for it to finish\n",
-                d.name()
-            ));
-            return;
-        }
-        match Download::start(request, &self.store) {
-            Ok(d) => {
-                self.download = Some(d);
-                self.with_download(now, |d, ctx| d.begin(ctx));
-            }
-            Err(DownloadOutcome::AlreadyHave(msg)) => {
-                say(&format!("{msg}\n"));
-                if matches!(self.mode, Mode::Get { seed: false, .. }) {
-                    self.finish(Ok(()));
-                }
-            }
-            Err(DownloadOutcome::Failed(msg)) => self.download_failed(msg),
-            Err(DownloadOutcome::Done(_)) => {}
-        }
+    fn say(&mut self, text: &str) {
+        self.sink.report(Report::Text(text));
     }
-
-    /// Runs `f` on the download with a context giving it the sockets, the
-    /// link and the store, then acts on how it ended.
-    fn with_download(
-        &mut self,
-        now: Instant,
-        f: impl FnOnce(&mut Download, &mut super::download::Ctx<'_>),
-    ) {
-        let Some(mut download) = self.download.take() else {
-            return;
-        };
-        let mut ctx = super::download::Ctx {
-            now,
-            poll: &self.poll,
-            conns: &mut self.conns,
-            link: &mut self.link,
-            store: &self.store,
-            max_peers: self.config.max_peers,
-            progress_bar: self.config.progress_bar,
-            revisit: &mut self.revisit,
-        };
-        f(&mut download, &mut ctx);
-        match download.take_outcome() {
-            None => {
-                self.download = Some(download);
-                // Only now: a link event drained here may be for the download.
-                self.apply_link_actions(now);
-            }
-            Some(DownloadOutcome::Done(summary)) => {
-                download.close_sources(&self.poll, &mut self.conns);
-                say(&summary);
-                // Shared at once, with the manifest it was verified against.
-                if let Some((name, manifest)) = download.completed_file() {
-                    match self.store.add_downloaded(name, manifest) {
-                        Ok(()) => self.link.set_shared(self.store.summaries()),
-                        Err(e) => log::warn!("{e}"),
-                    }
-                }
-                self.rescan();
-                if matches!(self.mode, Mode::Get { seed: false, .. }) {
-                    self.finish(Ok(()));
-                }
-            }
-            Some(DownloadOutcome::AlreadyHave(msg)) => {
-                download.close_sources(&self.poll, &mut self.conns);
-                say(&format!("{msg}\n"));
-                if matches!(self.mode, Mode::Get { seed: false, .. }) {
-                    self.finish(Ok(()));
-                }
-            }
-            Some(DownloadOutcome::Failed(msg)) => {
-                download.save_progress();
-                download.close_sources(&self.poll, &mut self.conns);
-                self.download_failed(msg);
-            }
-        }
-    }
-
-    fn download_failed(&mut self, msg: String) {
-        log::error!("{msg}");
-        match self.mode {
-            Mode::Get { .. } => self.finish(Err(NodeError(msg))),
-            Mode::Interactive => say(&format!("download failed: {msg}\n")),
-        }
-    }
-}
-
-/// Prints command output to stdout; a closed stdout is not worth a panic.
-pub(super) fn say(text: &str) {
-    let mut out = io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
 }

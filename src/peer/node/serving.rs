@@ -7,9 +7,9 @@ use std::time::Instant;
 use mio::Token;
 
 use super::*;
-use crate::net::{self, ConnId, IoStatus};
+use crate::net::{self, ConnId, Flow, ReadEnd};
 use crate::peer::serve::{ServeAction, ServeConfig, ServeSession};
-use crate::wire::{self, ErrorCode, Message};
+use crate::wire;
 
 impl Node {
     pub(super) fn accept_all(&mut self, now: Instant) {
@@ -34,9 +34,12 @@ impl Node {
                 continue;
             }
             log::debug!("serving {addr} on connection {}", id.0);
+            let session = ServeSession::new(ServeConfig::default(), now);
+            conn.set_accept(session.accepts());
             entry.insert(PeerConn::Serving {
                 conn,
-                session: ServeSession::new(ServeConfig::default(), now),
+                session,
+                manifest: None,
             });
             // Our hello goes out now, not when the other side first speaks.
             if self.apply_serve_actions(id) {
@@ -48,9 +51,7 @@ impl Node {
     pub(super) fn handle_peer_readable(&mut self, id: ConnId, now: Instant) {
         match self.conns.get(id.0) {
             Some(PeerConn::Serving { .. }) => self.handle_serving_readable(id, now),
-            Some(PeerConn::Source { .. }) => {
-                self.with_download(now, |d, ctx| d.handle_source_readable(id, ctx));
-            }
+            Some(PeerConn::Source { .. }) => self.handle_source_readable(id, now),
             None => {}
         }
     }
@@ -58,45 +59,36 @@ impl Node {
     pub(super) fn handle_peer_writable(&mut self, id: ConnId, now: Instant) {
         match self.conns.get(id.0) {
             Some(PeerConn::Serving { .. }) => self.pump_serving(id, now),
-            Some(PeerConn::Source { .. }) => {
-                self.with_download(now, |d, ctx| d.handle_source_writable(id, ctx));
-            }
+            Some(PeerConn::Source { .. }) => self.handle_source_writable(id, now),
             None => {}
         }
     }
 
     pub(super) fn handle_serving_readable(&mut self, id: ConnId, now: Instant) {
-        let Some(PeerConn::Serving { conn, session }) = self.conns.get_mut(id.0) else {
+        let Some(PeerConn::Serving { conn, session, .. }) = self.conns.get_mut(id.0) else {
             return;
         };
-        let status = conn.fill(net::READ_BUDGET);
-        loop {
-            match conn.next_frame() {
-                Ok(Some((msg, used))) => {
-                    session.handle_message(msg, &self.store, now);
-                    conn.consume(used);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("{}: {e}; closing", conn.peer_addr());
-                    let code = match e {
-                        wire::DecodeError::BadFileName(_) => ErrorCode::NotFound,
-                        _ => ErrorCode::Protocol,
-                    };
-                    conn.send(&Message::Error {
-                        code,
-                        reason: e.to_string(),
-                    });
-                    self.close_peer(id);
-                    return;
+        let store = &self.store;
+        let end = conn.read_frames(|msg| {
+            session.handle_message(msg, store, now);
+            // A reply (a manifest above all) is queued before the next
+            // request is read, so backpressure can hold a client that does
+            // not read.
+            if session.has_actions() {
+                Flow::Yield
+            } else {
+                Flow::Expect(session.accepts())
+            }
+        });
+        conn.set_accept(session.accepts());
+        match end {
+            ReadEnd::Open { revisit } => {
+                if revisit {
+                    self.revisit.push(id);
                 }
             }
-        }
-        match status {
-            Ok(IoStatus::WouldBlock) => {}
-            Ok(IoStatus::Budget) => self.revisit.push(id),
-            Ok(IoStatus::Done) | Err(_) => {
-                log::debug!("{} closed", conn.peer_addr());
+            ReadEnd::Closed(why) => {
+                log::debug!("{}: {why}", conn.peer_addr());
                 self.close_peer(id);
                 return;
             }
@@ -108,7 +100,12 @@ impl Node {
 
     /// Sends what the session queued; returns false if it closed the connection.
     pub(super) fn apply_serve_actions(&mut self, id: ConnId) -> bool {
-        let Some(PeerConn::Serving { conn, session }) = self.conns.get_mut(id.0) else {
+        let Some(PeerConn::Serving {
+            conn,
+            session,
+            manifest,
+        }) = self.conns.get_mut(id.0)
+        else {
             return false;
         };
         let mut close = false;
@@ -116,14 +113,26 @@ impl Node {
             match action {
                 ServeAction::Send(msg) => conn.send(&msg),
                 ServeAction::SendManifest(root) => match self.store.by_root(&root) {
-                    Some(f) => {
+                    // Streamed by `pump_serving` as the socket drains; no
+                    // more requests are read until it is out.
+                    Some(f) if manifest.is_none() => {
                         let m = &f.manifest;
                         conn.send_with(|out| {
-                            wire::encode_manifest(&m.root, m.size, m.chunk_size, &m.hashes, out)
+                            wire::encode_manifest_prefix(
+                                &m.root,
+                                m.size,
+                                m.chunk_size,
+                                m.hashes.len() as u32,
+                                out,
+                            )
                         });
+                        *manifest = Some(ManifestStream { root, next: 0 });
+                        conn.set_hold_reads(true);
                     }
-                    // Rescanned away since the request was checked.
-                    None => close = true,
+                    // Rescanned away since the request was checked, or a
+                    // second manifest while one streams (reads are held, so
+                    // only a broken client gets here).
+                    _ => close = true,
                 },
                 ServeAction::Close => close = true,
             }
@@ -138,7 +147,12 @@ impl Node {
     /// Moves queued chunk requests from disk into the socket, as far as the
     /// socket drains and the upload limit allows.
     pub(super) fn pump_serving(&mut self, id: ConnId, now: Instant) {
-        let Some(PeerConn::Serving { conn, session }) = self.conns.get_mut(id.0) else {
+        let Some(PeerConn::Serving {
+            conn,
+            session,
+            manifest,
+        }) = self.conns.get_mut(id.0)
+        else {
             return;
         };
         let mut failed = None;
@@ -149,6 +163,22 @@ impl Node {
             }
             if conn.pending_write_bytes() >= SEND_LOW_WATER {
                 break;
+            }
+            if let Some(stream) = manifest.as_mut() {
+                // The frame was begun: without the file it cannot be ended.
+                let Some(file) = self.store.by_root(&stream.root) else {
+                    failed = Some(String::new());
+                    break;
+                };
+                let hashes = &file.manifest.hashes[stream.next.min(file.manifest.hashes.len())..];
+                let slice = &hashes[..hashes.len().min(MANIFEST_SLICE)];
+                conn.send_with(|out| wire::encode_manifest_hashes(slice, out));
+                stream.next += slice.len();
+                if slice.len() == hashes.len() {
+                    *manifest = None;
+                    conn.set_hold_reads(false);
+                }
+                continue;
             }
             let Some(req) = session.peek_request().copied() else {
                 break;
@@ -180,6 +210,8 @@ impl Node {
                     .is_err()
                 {
                     self.close_peer(id);
+                } else if conn.should_resume_reading() {
+                    self.revisit.push(id);
                 }
             }
             Some(why) if why.is_empty() => self.close_peer(id),
@@ -192,10 +224,18 @@ impl Node {
     }
 
     pub(super) fn close_peer(&mut self, id: ConnId) {
-        if let Some(mut pc) = self.conns.try_remove(id.0) {
-            let conn = pc.conn();
-            conn.deregister(self.poll.registry());
-            conn.flush_and_close();
+        if let Some(pc) = self.conns.try_remove(id.0) {
+            pc.into_conn().close(self.poll.registry());
         }
     }
+}
+
+/// Hashes per slice of a streamed manifest (64 KiB of the frame).
+const MANIFEST_SLICE: usize = 2048;
+
+/// A manifest frame being sent: its header is queued, its hashes follow
+/// from the index as the socket drains.
+pub(in crate::peer) struct ManifestStream {
+    root: wire::Hash,
+    next: usize,
 }
