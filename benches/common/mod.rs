@@ -6,18 +6,13 @@ use std::time::Duration;
 
 use criterion::Criterion;
 
-/// Writes `len` bytes (a whole number of MiB) of xorshift output: data that
-/// neither compresses nor repeats, made without a crate or a data file.
+/// Writes `len` bytes (a whole number of MiB) of seeded pseudo-random data:
+/// it neither compresses nor repeats, and needs no data file.
 pub fn write_pseudo_random(out: &mut impl Write, len: u64, seed: u64) {
-    let mut x = seed | 1;
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut block = vec![0u8; 1 << 20];
     for _ in 0..len / block.len() as u64 {
-        for b in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes());
-        }
+        rng.fill(&mut block);
         out.write_all(&block).expect("write bench data");
     }
     out.flush().expect("flush bench data");

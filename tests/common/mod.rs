@@ -292,17 +292,11 @@ pub fn network_peers(manager: SocketAddr) -> Vec<SocketAddr> {
 /// Writes `len` bytes of deterministic, non-repeating content.
 pub fn write_pattern(path: &Path, len: u64, seed: u64) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x = seed | 1;
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut left = len;
     let mut block = vec![0u8; 1 << 16];
     while left > 0 {
-        for b in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let bytes = x.to_le_bytes();
-            b.copy_from_slice(&bytes[..b.len()]);
-        }
+        rng.fill(&mut block);
         let n = left.min(block.len() as u64) as usize;
         f.write_all(&block[..n]).unwrap();
         left -= n as u64;
