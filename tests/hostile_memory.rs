@@ -516,7 +516,7 @@ fn manager_flood(request: &[u8], answer: u64, conns: usize, what: &str) {
 }
 
 #[test]
-#[ignore = "fails until replies to a non-reading client are bounded: manager RSS +894 MiB (279 ListFiles of a 1.2 MB list on one conn)"]
+#[ignore = "fails until replies to a non-reading client are bounded: manager RSS +298 MiB (93 ListFiles of a 1.2 MB list on one conn)"]
 fn a_manager_bounds_file_lists_queued_for_clients_that_do_not_read() {
     // 20 000 entries of 60-61 bytes, 1.2 MB encoded; building one costs the
     // manager about three times that, so count 3.6 MB per answer.
