@@ -2,6 +2,8 @@
 //! loopback ephemeral ports, in temp folders, with every wait bounded.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
