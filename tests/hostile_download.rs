@@ -101,13 +101,13 @@ fn get_past_bad_holders(behaviour: impl Fn(&Manifest) -> Serve, limit: Duration)
 }
 
 #[test]
-#[ignore = "fails until a download never hangs on a silent holder: get still running after 60 s (all 4 holders connected, the manifest waited for from a silent one)"]
+
 fn three_silent_holders_before_an_honest_seeder_cost_under_5_s() {
     get_past_bad_holders(|_| Serve::Silent, Duration::from_secs(5));
 }
 
 #[test]
-#[ignore = "fails until a download never hangs on a silent holder: get still running after 60 s (holders that send only Hello are never given up on)"]
+
 fn three_holders_that_only_say_hello_cost_under_5_s() {
     get_past_bad_holders(|_| Serve::HelloOnly, Duration::from_secs(5));
 }
@@ -129,7 +129,7 @@ fn holders_that_send_the_manifest_and_stop_reading_are_given_up_on() {
 }
 
 #[test]
-#[ignore = "fails until a Busy holder is asked again later: dropped for good, get failed after 30 s with \"no holder of b.bin was reachable for 30s\""]
+
 fn a_holder_that_was_busy_is_asked_again_later() {
     let manager = Manager::start(0.5, 3.0);
     let (_s, src) = source_file(2 * MIB, 22);
@@ -171,7 +171,7 @@ fn a_holder_that_was_busy_is_asked_again_later() {
 }
 
 #[test]
-#[ignore = "fails until a version change mid-download ends the get: still running 90 s after the change, re-asking the new version's holders for the old root every second (NotFound)"]
+
 fn a_version_change_under_every_holder_ends_the_get_clearly() {
     let manager = Manager::start(0.5, 3.0);
     let size = 16 * MIB;
@@ -195,7 +195,7 @@ fn a_version_change_under_every_holder_ends_the_get_clearly() {
     let dl = TempDir::new().unwrap();
     let mut get = spawn_get(dl.path(), manager.addr, "v.bin");
     wait_for(WAIT, "the transfer to start", || {
-        get.stderr.text().contains("manifest from")
+        get.stderr.text().contains("=> Transferring")
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert!(get.is_running(), "the download is still under way");
