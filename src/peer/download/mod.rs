@@ -321,7 +321,7 @@ impl Download {
         }
         let secs = ctx.now.duration_since(self.started).as_secs_f64().max(1e-6);
         let fetched = manifest.size - self.resumed_bytes;
-        let outcome = match partial.finish(ctx.store.dir(), &self.request.name) {
+        let outcome = match partial.finish(&self.request.name) {
             Ok(path) => DownloadOutcome::Done(format!(
                 "downloaded {} ({} bytes, {} fetched) in {:.2}s: {:.1} MB/s from {} peers; root {}; saved to {}\n",
                 self.request.name,

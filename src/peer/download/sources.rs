@@ -273,7 +273,7 @@ impl Download {
             return self.drop_source(id, ctx);
         }
         let dir = ctx.store.dir().to_path_buf();
-        let partial = match PartialFile::open(&dir, &manifest) {
+        let partial = match PartialFile::open(ctx.store.dirs(), &manifest) {
             Ok(p) => p,
             Err(e) => {
                 self.outcome = Some(DownloadOutcome::Failed(format!(
