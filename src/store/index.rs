@@ -33,6 +33,9 @@ use crate::wire::{FileName, FileSummary, Hash};
 /// so a folder of many tiny files is also cut into slices.
 const PER_FILE_COST: usize = 64 << 10;
 
+/// Files from this size on get a log line when their hashing starts.
+const BIG_FILE: u64 = 64 << 20;
+
 /// Save the cache after this many newly hashed bytes even while more work
 /// is queued, so a crash halfway through a big folder keeps most of it.
 const SAVE_EVERY_BYTES: u64 = 1 << 30;
@@ -219,7 +222,11 @@ impl SharedFolder {
             });
         match started {
             Ok((file, stamp, hasher)) => {
-                debug!("hashing {name} ({} bytes)", stamp.size);
+                if stamp.size >= BIG_FILE {
+                    info!("hashing {name} ({} bytes); shared once hashed", stamp.size);
+                } else {
+                    debug!("hashing {name} ({} bytes)", stamp.size);
+                }
                 Some(Hashing {
                     name,
                     scanned,
