@@ -176,17 +176,18 @@ pub(crate) fn read_state_file(dir: BorrowedFd<'_>, name: &str) -> io::Result<Opt
     Ok(Some(bytes))
 }
 
-/// Creates `name` in `dir` for reading and writing; fails if anything
-/// (a file, a symlink) is already there.
-pub(crate) fn create_new(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
+/// Creates `name` in `dir` for reading and writing, with `mode` (less the
+/// umask); fails if anything (a file, a symlink) is already there.
+pub(crate) fn create_new(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<File> {
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    Ok(File::from(rustix::fs::openat(
-        dir,
-        name,
-        flags,
-        Mode::from_raw_mode(0o600),
-    )?))
+    let mode = Mode::from_raw_mode(mode as rustix::fs::RawMode);
+    Ok(File::from(rustix::fs::openat(dir, name, flags, mode)?))
 }
+
+/// Mode for shoal's private state files.
+pub(crate) const PRIVATE: u32 = 0o600;
+/// Mode for a download, which becomes the user's file: as any new file.
+pub(crate) const USER_FILE: u32 = 0o666;
 
 /// Opens our own existing file `name` in `dir` for reading and writing:
 /// never through a symlink, and only a regular file with no other name (a
@@ -213,7 +214,7 @@ pub(crate) fn replace_atomically(dir: BorrowedFd<'_>, name: &str, bytes: &[u8]) 
     // A leftover of a crash, or something planted: unlinking a symlink
     // removes the link, never its target.
     remove_if_present(dir, &tmp)?;
-    let mut file = create_new(dir, &tmp)?;
+    let mut file = create_new(dir, &tmp, PRIVATE)?;
     let written = file
         .write_all(bytes)
         .and_then(|()| file.sync_all())
@@ -349,7 +350,7 @@ mod tests {
         assert!(err.to_string().contains("symlink"), "{err}");
         let err = open_own(dirs.meta(), "hard").unwrap_err();
         assert!(err.to_string().contains("hard links"), "{err}");
-        assert!(create_new(dirs.meta(), "link").is_err());
+        assert!(create_new(dirs.meta(), "link", PRIVATE).is_err());
         assert_eq!(fs::read(&target).unwrap(), b"precious");
     }
 

@@ -341,7 +341,10 @@ fn open_data(dirs: &FolderDirs, name: &str, path: &Path) -> io::Result<(File, bo
             dirs::remove_if_present(dirs.partial(), name)?;
         }
     }
-    Ok((dirs::create_new(dirs.partial(), name)?, true))
+    Ok((
+        dirs::create_new(dirs.partial(), name, dirs::USER_FILE)?,
+        true,
+    ))
 }
 
 fn encode_bitmap(root: &Hash, have: &FixedBitSet) -> Vec<u8> {
@@ -532,6 +535,10 @@ mod tests {
         }
         let dest = partial.finish(&name).unwrap();
         assert_eq!(dest, tmp.path().join("got.bin"));
+        // The user's file gets the mode any new file gets, not our 0600.
+        fs::write(tmp.path().join("plain"), b"").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions();
+        assert_eq!(mode(&dest), mode(&tmp.path().join("plain")));
         assert_eq!(fs::read(&dest).unwrap(), data);
         let (data_path, have_path) = paths(tmp.path(), &manifest.root);
         assert!(!data_path.exists());
