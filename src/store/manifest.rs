@@ -504,4 +504,43 @@ mod tests {
         assert_eq!(m.hashes[at_4gib as usize + 1], zeros);
         assert_eq!(m.root, root_hash(size, chunk as u32, &m.hashes));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Hashing in slices of any budget gives the manifest of hashing the
+        /// bytes, holes included.
+        #[test]
+        fn sliced_hashing_matches_the_bytes(
+            len in 0usize..300_000,
+            hole in proptest::option::of((0usize..300_000, 1usize..200_000)),
+            budget in 1usize..100_000,
+            seed in proptest::prelude::any::<u8>(),
+        ) {
+            let mut data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&data).unwrap();
+            if let Some((start, hole_len)) = hole {
+                let start = start.min(len);
+                let end = (start + hole_len).min(len);
+                data[start..end].fill(0);
+                // Punch it as a real hole where the file system can.
+                let _ = rustix::fs::fallocate(
+                    &file,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    start as u64,
+                    (end - start) as u64,
+                );
+            }
+            let chunk = chunk_size_for(len as u64) as usize;
+            let expected: Vec<Hash> = data.chunks(chunk).map(hash_chunk).collect();
+            let mut hasher = FileHasher::new(&file, len as u64).unwrap();
+            let mut steps = 0;
+            while !hasher.step(&file, budget).unwrap() {
+                steps += 1;
+                proptest::prop_assert!(steps <= expected.len());
+            }
+            proptest::prop_assert_eq!(hasher.hashed(), len as u64);
+            proptest::prop_assert_eq!(hasher.finish().hashes, expected);
+        }
+    }
 }

@@ -722,4 +722,21 @@ mod tests {
         assert_eq!(resumed.have_count(), 2);
         assert!(resumed.has(past) && resumed.has(tail));
     }
+
+    proptest::proptest! {
+        /// Any set of chunks survives the bitmap's encoding exactly.
+        #[test]
+        fn bitmap_round_trips(bits in proptest::collection::vec(proptest::prelude::any::<bool>(), 0..300)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let hashes = vec![Hash::default(); bits.len()];
+            let manifest = Manifest::from_hashes(bits.len() as u64 * CHUNK as u64, CHUNK as u32, hashes);
+            let mut set = FixedBitSet::with_capacity(bits.len());
+            for (i, &bit) in bits.iter().enumerate() {
+                set.set(i, bit);
+            }
+            let dirs = dirs(tmp.path());
+            dirs::replace_atomically(dirs.partial(), "x.have", &encode_bitmap(&manifest.root, &set)).unwrap();
+            proptest::prop_assert_eq!(read_bitmap(&dirs, "x.have", &manifest), set);
+        }
+    }
 }
