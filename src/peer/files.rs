@@ -29,22 +29,26 @@ impl OpenFiles {
         }
     }
 
-    /// The open handle for `shared`, opening it if needed. Fails, and forgets
-    /// the handle, when the file on disk is no longer the one indexed; the
-    /// error says why, for the log.
+    /// The open handle for `shared`, opening it if needed. A kept handle that
+    /// is no longer that file (another name now holds the root, or the file
+    /// was edited) is dropped and the file opened afresh; that fails, with an
+    /// error saying why for the log, when the file on disk is no longer the
+    /// one indexed.
     pub fn get(&mut self, store: &SharedFolder, shared: &SharedFile) -> io::Result<Rc<File>> {
         let root = &shared.manifest.root;
         if let Some(pos) = self.files.iter().position(|(r, _)| r == root) {
             let entry = self.files.remove(pos);
-            shared.check(&entry.1)?;
-            self.files.push(entry);
-        } else {
-            if self.files.len() >= self.capacity {
-                self.files.remove(0);
+            if shared.check(&entry.1).is_ok() {
+                let handle = entry.1.clone();
+                self.files.push(entry);
+                return Ok(handle);
             }
-            self.files
-                .push((*root, Rc::new(store.open_shared(shared)?)));
         }
+        if self.files.len() >= self.capacity {
+            self.files.remove(0);
+        }
+        self.files
+            .push((*root, Rc::new(store.open_shared(shared)?)));
         // The entry was pushed just above.
         Ok(self.files.last().expect("entry just pushed").1.clone())
     }
@@ -62,5 +66,45 @@ impl Catalog for SharedFolder {
 
     fn find_by_root(&self, root: &Hash) -> Option<&Manifest> {
         self.by_root(root).map(|f| &f.manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn handles_are_kept_and_refused_once_the_file_is_not_the_indexed_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("a"), b"aaaa").unwrap();
+        fs::write(tmp.path().join("b"), b"bbbb").unwrap();
+        let mut folder = SharedFolder::open(tmp.path()).unwrap();
+        folder.finish_pending_work();
+        let a = folder
+            .by_name(&FileName::new("a").unwrap())
+            .unwrap()
+            .clone();
+        let b = folder
+            .by_name(&FileName::new("b").unwrap())
+            .unwrap()
+            .clone();
+        let mut open = OpenFiles::new(1);
+        let first = open.get(&folder, &a).unwrap();
+        assert!(Rc::ptr_eq(&first, &open.get(&folder, &a).unwrap()), "kept");
+        open.get(&folder, &b).unwrap();
+        assert!(
+            !Rc::ptr_eq(&first, &open.get(&folder, &a).unwrap()),
+            "evicted"
+        );
+
+        // Edited in place: the kept handle is refused, and so is a new one.
+        fs::write(tmp.path().join("a"), b"AAAA").unwrap();
+        let err = open.get(&folder, &a).unwrap_err();
+        assert!(err.to_string().contains("since it was indexed"), "{err}");
+        // Gone: refused with the name in the message.
+        fs::remove_file(tmp.path().join("b")).unwrap();
+        let err = open.get(&folder, &b).unwrap_err();
+        assert!(err.to_string().starts_with("b: "), "{err}");
     }
 }
