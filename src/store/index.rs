@@ -36,6 +36,12 @@ const PER_FILE_COST: usize = 64 << 10;
 /// Files from this size on get a log line when their hashing starts.
 const BIG_FILE: u64 = 64 << 20;
 
+/// Files that joined the set are announced together, at most once per this
+/// much hashing work (about a tenth of a second), and when the queue drains:
+/// a folder of thousands of new small files must not cost a full file list
+/// to the manager per slice.
+const ANNOUNCE_EVERY: u64 = 256 << 20;
+
 /// Save the cache after this many newly hashed bytes even while more work
 /// is queued, so a crash halfway through a big folder keeps most of it.
 const SAVE_EVERY_BYTES: u64 = 1 << 30;
@@ -96,6 +102,10 @@ pub struct SharedFolder {
     cache_dirty: bool,
     /// Bytes hashed since the cache was last saved.
     unsaved_bytes: u64,
+    /// Files joined the set since [`SharedFolder::do_work`] last said so.
+    unannounced: bool,
+    /// Hashing work (bytes, plus a cost per file) since then.
+    work_since_announce: u64,
 }
 
 /// A file being hashed a slice at a time.
@@ -126,6 +136,8 @@ impl SharedFolder {
             hashed_since_scan: 0,
             cache_dirty: cache_was_bad,
             unsaved_bytes: 0,
+            unannounced: false,
+            work_since_announce: 0,
         };
         folder.scan(cached)?;
         info!(
@@ -148,6 +160,8 @@ impl SharedFolder {
         let changed = self.scan(BTreeMap::new())?;
         if changed {
             info!("shared set changed: now {} files", self.files.len());
+            // The caller announces the whole set, additions included.
+            self.unannounced = false;
         }
         self.save_cache_if_idle();
         Ok(changed)
@@ -160,11 +174,13 @@ impl SharedFolder {
     }
 
     /// Hashes about `budget_bytes` of the queued files (at least one chunk).
-    /// Returns true when the shared set changed: a file was hashed and is now
-    /// shared, to be announced.
+    /// Returns true when the shared set changed and should be announced now:
+    /// files that finished hashing are shared at once, and announced
+    /// together at most once per 256 MiB of hashing work (so a big file as
+    /// soon as it is done) and whenever the queue drains.
     pub fn do_work(&mut self, budget_bytes: usize) -> bool {
-        let mut left = budget_bytes.max(1);
-        let mut changed = false;
+        let start = budget_bytes.max(1);
+        let mut left = start;
         while left > 0 {
             if self.hashing.is_none() {
                 let Some((name, scanned)) = self.pending.pop_first() else {
@@ -186,7 +202,7 @@ impl SharedFolder {
                 Ok(false) => {}
                 Ok(true) => {
                     if let Some(hashing) = self.hashing.take() {
-                        changed |= self.finish_hashing(hashing);
+                        self.unannounced |= self.finish_hashing(hashing);
                     }
                 }
                 Err(err) => {
@@ -200,7 +216,14 @@ impl SharedFolder {
             self.save_cache();
         }
         self.save_cache_if_idle();
-        changed
+        self.work_since_announce += (start - left) as u64;
+        let due = !self.has_pending_work() || self.work_since_announce >= ANNOUNCE_EVERY;
+        if self.unannounced && due {
+            self.unannounced = false;
+            self.work_since_announce = 0;
+            return true;
+        }
+        false
     }
 
     /// Hashes everything queued before returning, for tests and tools that
@@ -792,17 +815,23 @@ mod tests {
         assert!(names(&folder).is_empty(), "nothing hashed in open");
         assert_eq!(folder.pending_files(), 2);
         let mut turns = 0;
-        let mut shared_after = Vec::new();
+        let mut announced_at = Vec::new();
+        let mut big_shared_at = None;
         while folder.has_pending_work() {
             turns += 1;
             if folder.do_work(32 << 10) {
-                shared_after.push(turns);
+                announced_at.push(turns);
+            }
+            if big_shared_at.is_none() && folder.by_name(&name("big")).is_some() {
+                big_shared_at = Some(turns);
             }
             assert!(turns < 100);
         }
         // "big" first (name order): 8 full chunks and a tail, a chunk a turn.
         assert!(turns >= 9, "{turns} turns");
-        assert_eq!(shared_after.len(), 2, "each file announced when done");
+        assert!(big_shared_at.unwrap() < turns, "shared as soon as hashed");
+        // Small files are announced together, when the queue drains.
+        assert_eq!(announced_at, [turns]);
         let expected =
             super::super::hash_file(&File::open(dir.join("big")).unwrap(), data.len() as u64)
                 .unwrap();
@@ -811,6 +840,27 @@ mod tests {
         assert!(!folder.do_work(1 << 20), "no work left");
         // The cache was written once idle.
         assert_eq!(SharedFolder::open(dir).unwrap().pending_files(), 0);
+    }
+
+    #[test]
+    fn a_big_file_is_announced_when_done_without_waiting_for_the_queue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        // Sparse: each counts as 300 MiB of work and hashes in no time.
+        for big in ["a.big", "b.big"] {
+            File::create(dir.join(big))
+                .unwrap()
+                .set_len(300 << 20)
+                .unwrap();
+        }
+        let mut folder = SharedFolder::open(dir).unwrap();
+        while !folder.do_work(4 << 20) {
+            assert!(folder.has_pending_work(), "never announced");
+        }
+        assert_eq!(names(&folder), ["a.big"]);
+        assert!(folder.has_pending_work(), "b.big still being hashed");
+        while !folder.do_work(4 << 20) {}
+        assert_eq!(names(&folder), ["a.big", "b.big"]);
     }
 
     #[test]
