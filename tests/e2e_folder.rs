@@ -105,29 +105,35 @@ fn get_all_chunks(addr: SocketAddr, manifest: &Manifest) -> (Vec<Vec<u8>>, bool)
 #[test]
 fn a_symlink_at_dot_shoal_makes_the_peer_refuse_to_start() {
     let manager = Manager::start(0.5, 3.0);
-    let tmp = TempDir::new().unwrap();
-    let (dir, outside) = (tmp.path().join("shared"), tmp.path().join("elsewhere"));
-    fs::create_dir_all(&dir).unwrap();
-    fs::create_dir_all(&outside).unwrap();
-    fs::write(dir.join("a.txt"), b"a").unwrap();
-    symlink(&outside, dir.join(".shoal")).unwrap();
-    let mut cmd = Command::new(peer_bin());
-    cmd.arg("--dir")
-        .arg(&dir)
-        .args(["--manager", &manager.addr.to_string()]);
-    let mut peer = Proc::spawn_cmd(cmd);
-    let status = peer.wait_exit(WAIT);
-    assert!(!status.success(), "started anyway");
-    let err = peer.stderr.text();
-    assert!(
-        err.contains(".shoal is not a real directory") && err.contains("remove it"),
-        "unclear message: {err}"
-    );
-    assert_eq!(
-        fs::read_dir(&outside).unwrap().count(),
-        0,
-        "something was created through the link"
-    );
+    for planted in [".shoal", ".shoal/partial"] {
+        let tmp = TempDir::new().unwrap();
+        let (dir, outside) = (tmp.path().join("shared"), tmp.path().join("elsewhere"));
+        fs::create_dir_all(&dir).unwrap();
+        if planted == ".shoal/partial" {
+            fs::create_dir(dir.join(".shoal")).unwrap();
+        }
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(dir.join("a.txt"), b"a").unwrap();
+        symlink(&outside, dir.join(planted)).unwrap();
+        let mut cmd = Command::new(peer_bin());
+        cmd.arg("--dir")
+            .arg(&dir)
+            .args(["--manager", &manager.addr.to_string()]);
+        let mut peer = Proc::spawn_cmd(cmd);
+        let status = peer.wait_exit(WAIT);
+        assert!(!status.success(), "{planted}: started anyway");
+        let err = peer.stderr.text();
+        assert!(
+            err.contains(&format!("{planted} is not a real directory"))
+                && err.contains("remove it"),
+            "{planted}: unclear message: {err}"
+        );
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "{planted}: something was created through the link"
+        );
+    }
 }
 
 /// Outside files with known contents, and where they were planted.

@@ -77,6 +77,13 @@ impl FolderDirs {
         self.0.partial.as_fd()
     }
 
+    /// Bytes an unprivileged user can still write where downloads go, asked
+    /// of the folder's handle (see [`free_space`]).
+    pub fn free_space(&self) -> io::Result<u64> {
+        let stats = rustix::fs::fstatvfs(self.partial())?;
+        Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+
     /// `DIR/.shoal/partial/name`, for messages.
     pub(crate) fn partial_path(&self, name: &str) -> PathBuf {
         self.0.path.join(META_DIR).join(PARTIAL_DIR).join(name)
@@ -379,6 +386,7 @@ mod tests {
     fn free_space_reports_something_and_errors_on_missing_dir() {
         let dir = tempfile::tempdir().unwrap();
         assert!(free_space(dir.path()).unwrap() > 0);
+        assert!(FolderDirs::open(dir.path()).unwrap().free_space().unwrap() > 0);
         assert!(free_space(&dir.path().join("nope")).is_err());
     }
 }
