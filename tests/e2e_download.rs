@@ -162,7 +162,7 @@ fn a_seeder_serving_wrong_bytes_does_not_corrupt_the_result() {
     let manager = Manager::start(0.5, 3.0);
     let (_s, src) = source_file(8 * MIB, 4);
     // This seeder never rescans, so it keeps announcing the old hash.
-    let (liar_dir, _liar) = seeder(manager.addr, &src, "x.bin", &["--rescan", "100000"]);
+    let (liar_dir, liar) = seeder(manager.addr, &src, "x.bin", &["--rescan", "100000"]);
     wait_holders(manager.addr, "x.bin", 1);
     // Change the file under it: same size, different bytes.
     write_pattern(&liar_dir.path().join("x.bin"), 8 * MIB, 99);
@@ -174,9 +174,13 @@ fn a_seeder_serving_wrong_bytes_does_not_corrupt_the_result() {
     let (ok, _out, err) = get(dl.path(), manager.addr, "x.bin");
     assert!(ok, "get failed: {err}");
     assert!(same_bytes(&src, &dl.path().join("x.bin")));
+    // The liar's own check (inode, size, mtime, ctime against the index)
+    // refuses to serve bytes that are not the ones it hashed; a chunk that
+    // got through anyway would be caught by the downloader's hash check.
     assert!(
-        err.contains("corrupt"),
-        "the bad chunks were noticed: {err}"
+        liar.proc.stderr.text().contains("since it was indexed") || err.contains("corrupt"),
+        "the changed file was noticed: {err}\nliar: {}",
+        liar.proc.stderr.text()
     );
 }
 

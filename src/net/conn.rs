@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use mio::net::TcpStream;
@@ -484,30 +483,18 @@ struct FileSegment {
 
 /// One `sendfile(2)` call: page cache to socket, no copy through user space.
 fn send_file_segment(stream: &TcpStream, seg: &mut FileSegment) -> io::Result<()> {
-    let mut offset = seg.offset as libc::off_t;
-    // SAFETY: both descriptors are open for the duration of the call, and
-    // `offset` is a valid pointer the kernel updates.
-    let n = unsafe {
-        libc::sendfile(
-            stream.as_raw_fd(),
-            seg.file.as_raw_fd(),
-            &mut offset,
-            seg.left.min(1 << 30),
-        )
-    };
-    match n {
-        n if n > 0 => {
-            seg.offset += n as u64;
-            seg.left -= n as usize;
-            Ok(())
-        }
+    let mut offset = seg.offset;
+    let n = rustix::fs::sendfile(stream, &*seg.file, Some(&mut offset), seg.left.min(1 << 30))?;
+    if n == 0 {
         // The file shrank under us: the frame cannot be completed.
-        0 => Err(io::Error::new(
+        return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "shared file shrank while a chunk of it was being sent",
-        )),
-        _ => Err(io::Error::last_os_error()),
+        ));
     }
+    seg.offset += n as u64;
+    seg.left -= n;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -515,30 +502,16 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    /// Fixes a socket buffer size, which also stops the kernel autotuning it.
-    fn set_buffer(fd: &impl AsRawFd, option: libc::c_int, bytes: libc::c_int) {
-        // SAFETY: a valid socket and a pointer to an int of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "setsockopt");
-    }
-
     /// A connected pair: our `Conn` and the plain socket at the other end,
     /// with small fixed kernel buffers so our own buffer is what fills up.
     fn pair() -> (Conn, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let client = std::net::TcpStream::connect(addr).unwrap();
-        set_buffer(&client, libc::SO_RCVBUF, 64 << 10);
+        // Fixed sizes also stop the kernel autotuning them.
+        rustix::net::sockopt::set_socket_recv_buffer_size(&client, 64 << 10).unwrap();
         let (server, _) = listener.accept().unwrap();
-        set_buffer(&server, libc::SO_SNDBUF, 64 << 10);
+        rustix::net::sockopt::set_socket_send_buffer_size(&server, 64 << 10).unwrap();
         server.set_nonblocking(true).unwrap();
         (Conn::new(TcpStream::from_std(server), addr), client)
     }

@@ -8,7 +8,6 @@
 //! zero-timeout poll, so it only happens when data is there.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
@@ -41,15 +40,11 @@ impl StdinLines {
     }
 
     fn preload_regular_file(&mut self) {
-        let stdin = io::stdin();
-        let is_file = std::fs::File::options()
-            .read(true)
-            .open(format!("/proc/self/fd/{}", stdin.as_raw_fd()))
-            .and_then(|f| f.metadata())
-            .map(|m| m.is_file())
+        let is_file = rustix::fs::fstat(rustix::stdio::stdin())
+            .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file())
             .unwrap_or(false);
         if is_file {
-            let text = io::read_to_string(stdin).unwrap_or_default();
+            let text = io::read_to_string(io::stdin()).unwrap_or_default();
             self.preloaded = text.lines().map(str::to_string).collect();
         }
     }
@@ -64,18 +59,16 @@ impl StdinLines {
     pub fn read_lines(&mut self, registry: &Registry) -> Vec<String> {
         let mut buf = [0u8; 4096];
         while self.registered && stdin_has_data() {
-            // SAFETY: reading into a stack buffer of the given length from fd 0.
-            let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                self.partial.extend_from_slice(&buf[..n as usize]);
-            } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            } else {
-                log::debug!("stdin closed; continuing without it");
-                let _ = registry.deregister(&mut SourceFd(&STDIN_FD));
-                self.registered = false;
-                if !self.partial.is_empty() {
-                    self.partial.push(b'\n');
+            match rustix::io::read(rustix::stdio::stdin(), &mut buf) {
+                Ok(n) if n > 0 => self.partial.extend_from_slice(&buf[..n]),
+                Err(rustix::io::Errno::INTR) => continue,
+                _ => {
+                    log::debug!("stdin closed; continuing without it");
+                    let _ = registry.deregister(&mut SourceFd(&STDIN_FD));
+                    self.registered = false;
+                    if !self.partial.is_empty() {
+                        self.partial.push(b'\n');
+                    }
                 }
             }
         }
@@ -90,12 +83,17 @@ impl StdinLines {
 
 /// A zero-timeout poll: true if a read on fd 0 would not block (data or EOF).
 fn stdin_has_data() -> bool {
-    let mut pfd = libc::pollfd {
-        fd: STDIN_FD,
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::from_borrowed_fd(
+        rustix::stdio::stdin(),
+        PollFlags::IN,
+    )];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: one valid pollfd, zero timeout.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
 }

@@ -169,73 +169,118 @@ impl fmt::Display for ManifestError {
 
 impl std::error::Error for ManifestError {}
 
-/// Hashes the first `size` bytes of `file` chunk by chunk. Reads at explicit
-/// offsets into one reused buffer, so memory stays at one chunk whatever the
-/// file size. Chunks lying wholly in a hole of a sparse file are known to be
-/// zeros and are not read (finding holes moves the file position).
+/// Hashes the first `size` bytes of `file` chunk by chunk, all at once. See
+/// [`FileHasher`] for hashing in slices.
 pub fn hash_file(file: &File, size: u64) -> io::Result<Manifest> {
-    let chunk_size = chunk_size_for(size);
-    let count = size.div_ceil(u64::from(chunk_size));
-    if count > u64::from(MAX_CHUNKS) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("file of {size} bytes is too big to share"),
-        ));
+    let mut hasher = FileHasher::new(file, size)?;
+    while !hasher.step(file, usize::MAX)? {}
+    Ok(hasher.finish())
+}
+
+/// Hashes a file a slice at a time, so the event loop can hash a huge file
+/// between events instead of stopping for it. Reads at explicit offsets into
+/// one reused buffer, so memory stays at one chunk whatever the file size.
+/// Chunks lying wholly in a hole of a sparse file are known to be zeros and
+/// are not read (finding holes moves the file position).
+#[derive(Debug)]
+pub struct FileHasher {
+    size: u64,
+    chunk_size: u32,
+    hashes: Vec<Hash>,
+    /// Where the next chunk starts.
+    offset: u64,
+    holes: Holes,
+    zero_chunk_hash: Option<Hash>,
+    buffer: Vec<u8>,
+}
+
+impl FileHasher {
+    /// Starts hashing the first `size` bytes of `file`; the same file must be
+    /// passed to every [`FileHasher::step`].
+    pub fn new(file: &File, size: u64) -> io::Result<FileHasher> {
+        let chunk_size = chunk_size_for(size);
+        let count = size.div_ceil(u64::from(chunk_size));
+        if count > u64::from(MAX_CHUNKS) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file of {size} bytes is too big to share"),
+            ));
+        }
+        // Checked up front: past the end of the file SEEK_DATA would report a
+        // hole, which must not pass for zeros.
+        if file.metadata()?.len() < size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("file is shorter than {size} bytes"),
+            ));
+        }
+        Ok(FileHasher {
+            size,
+            chunk_size,
+            hashes: Vec::with_capacity(count as usize),
+            offset: 0,
+            holes: Holes { data_from: None },
+            zero_chunk_hash: None,
+            buffer: Vec::new(),
+        })
     }
-    // Checked up front: past the end of the file SEEK_DATA would report a
-    // hole, which must not pass for zeros.
-    if file.metadata()?.len() < size {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("file is shorter than {size} bytes"),
-        ));
+
+    /// Hashes whole chunks until about `budget` bytes are done (at least one
+    /// chunk). Returns whether the file is done.
+    pub fn step(&mut self, file: &File, budget: usize) -> io::Result<bool> {
+        let chunk_size = u64::from(self.chunk_size);
+        if self.buffer.is_empty() {
+            self.buffer = vec![0u8; self.size.min(chunk_size) as usize];
+        }
+        let mut done = 0usize;
+        while self.offset < self.size && done < budget {
+            let len = (self.size - self.offset).min(chunk_size) as usize;
+            let end = self.offset + len as u64;
+            let chunk = &mut self.buffer[..len];
+            let hash = if !self.holes.is_hole(file, self.offset, end) {
+                file.read_exact_at(chunk, self.offset)?;
+                hash_chunk(chunk)
+            } else if len == self.chunk_size as usize {
+                *self
+                    .zero_chunk_hash
+                    .get_or_insert_with(|| hash_chunk(&vec![0; len]))
+            } else {
+                chunk.fill(0);
+                hash_chunk(chunk)
+            };
+            self.hashes.push(hash);
+            self.offset = end;
+            done = done.saturating_add(len);
+        }
+        Ok(self.offset >= self.size)
     }
-    let mut holes = Holes::new(file);
-    let mut zero_chunk_hash = None;
-    let mut buffer = vec![0u8; size.min(u64::from(chunk_size)) as usize];
-    let mut hashes = Vec::with_capacity(count as usize);
-    let mut offset = 0u64;
-    while offset < size {
-        let len = (size - offset).min(u64::from(chunk_size)) as usize;
-        let end = offset + len as u64;
-        let chunk = &mut buffer[..len];
-        let hash = if !holes.is_hole(offset, end) {
-            file.read_exact_at(chunk, offset)?;
-            hash_chunk(chunk)
-        } else if len == chunk_size as usize {
-            *zero_chunk_hash.get_or_insert_with(|| hash_chunk(&vec![0; len]))
-        } else {
-            chunk.fill(0);
-            hash_chunk(chunk)
-        };
-        hashes.push(hash);
-        offset = end;
+
+    /// Bytes hashed so far.
+    pub fn hashed(&self) -> u64 {
+        self.offset
     }
-    Ok(Manifest::from_hashes(size, chunk_size, hashes))
+
+    /// The manifest, once [`FileHasher::step`] said the file is done.
+    pub fn finish(self) -> Manifest {
+        Manifest::from_hashes(self.size, self.chunk_size, self.hashes)
+    }
 }
 
 /// Answers "is this byte range all hole?" for a file read front to back,
 /// with one `lseek(SEEK_DATA)` per data chunk and one per hole.
-struct Holes<'a> {
-    file: &'a File,
+#[derive(Debug)]
+struct Holes {
     /// Where data starts at or after the last offset asked about; true for
     /// every later offset up to it.
     data_from: Option<u64>,
 }
 
-impl<'a> Holes<'a> {
-    fn new(file: &'a File) -> Holes<'a> {
-        Holes {
-            file,
-            data_from: None,
-        }
-    }
-
-    fn is_hole(&mut self, start: u64, end: u64) -> bool {
+impl Holes {
+    fn is_hole(&mut self, file: &File, start: u64, end: u64) -> bool {
         let data_from = match self.data_from {
             Some(known) if start <= known => known,
             _ => {
-                let found = seek_data(self.file, start).unwrap_or(start);
+                let found = seek_data(file, start).unwrap_or(start);
                 self.data_from = Some(found);
                 found
             }
@@ -246,24 +291,12 @@ impl<'a> Holes<'a> {
 
 /// Where data resumes at or after `offset` (`u64::MAX` for "only holes till
 /// the end"), or `None` when the filesystem cannot tell, so every chunk is read.
-#[cfg(any(target_os = "linux", target_os = "android"))]
 fn seek_data(file: &File, offset: u64) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let offset = libc::off_t::try_from(offset).ok()?;
-    // SAFETY: lseek on a descriptor we borrow; it only moves the file position.
-    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
-    if found >= 0 {
-        return u64::try_from(found).ok();
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(found) => Some(found),
+        Err(rustix::io::Errno::NXIO) => Some(u64::MAX),
+        Err(_) => None,
     }
-    match io::Error::last_os_error().raw_os_error() {
-        Some(libc::ENXIO) => Some(u64::MAX),
-        _ => None,
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn seek_data(_file: &File, _offset: u64) -> Option<u64> {
-    None
 }
 
 #[cfg(test)]
@@ -470,5 +503,44 @@ mod tests {
         assert_eq!(m.hashes[0], zeros);
         assert_eq!(m.hashes[at_4gib as usize + 1], zeros);
         assert_eq!(m.root, root_hash(size, chunk as u32, &m.hashes));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Hashing in slices of any budget gives the manifest of hashing the
+        /// bytes, holes included.
+        #[test]
+        fn sliced_hashing_matches_the_bytes(
+            len in 0usize..300_000,
+            hole in proptest::option::of((0usize..300_000, 1usize..200_000)),
+            budget in 1usize..100_000,
+            seed in proptest::prelude::any::<u8>(),
+        ) {
+            let mut data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&data).unwrap();
+            if let Some((start, hole_len)) = hole {
+                let start = start.min(len);
+                let end = (start + hole_len).min(len);
+                data[start..end].fill(0);
+                // Punch it as a real hole where the file system can.
+                let _ = rustix::fs::fallocate(
+                    &file,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    start as u64,
+                    (end - start) as u64,
+                );
+            }
+            let chunk = chunk_size_for(len as u64) as usize;
+            let expected: Vec<Hash> = data.chunks(chunk).map(hash_chunk).collect();
+            let mut hasher = FileHasher::new(&file, len as u64).unwrap();
+            let mut steps = 0;
+            while !hasher.step(&file, budget).unwrap() {
+                steps += 1;
+                proptest::prop_assert!(steps <= expected.len());
+            }
+            proptest::prop_assert_eq!(hasher.hashed(), len as u64);
+            proptest::prop_assert_eq!(hasher.finish().hashes, expected);
+        }
     }
 }

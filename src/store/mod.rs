@@ -10,7 +10,7 @@
 //! blocking I/O and is called from the event loop between polls.
 
 mod cache;
-mod disk;
+mod dirs;
 mod index;
 mod manifest;
 mod partial;
@@ -19,19 +19,24 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use disk::free_space;
+pub use dirs::{FileStamp, FolderDirs, free_space};
 pub use index::{SharedFile, SharedFolder};
-pub use manifest::{Manifest, ManifestError, chunk_size_for, hash_chunk, hash_file, root_hash};
+pub use manifest::{
+    FileHasher, Manifest, ManifestError, chunk_size_for, hash_chunk, hash_file, root_hash,
+};
 pub use partial::PartialFile;
 
 /// Folder inside a shared folder where shoal keeps its own state; its leading
 /// dot keeps it (and every other hidden name) out of the shared set.
 const META_DIR: &str = ".shoal";
 
+/// Inside `META_DIR`: downloads in progress.
+const PARTIAL_DIR: &str = "partial";
+
 /// Where downloads in progress live, inside the shared folder so the final
 /// rename stays on one filesystem and is atomic.
 pub fn partial_dir(folder_dir: &Path) -> PathBuf {
-    folder_dir.join(META_DIR).join("partial")
+    folder_dir.join(META_DIR).join(PARTIAL_DIR)
 }
 
 /// What can go wrong with the shared folder or a download's files. Every
@@ -42,6 +47,9 @@ pub enum StoreError {
     FolderMissing(PathBuf),
     /// The path to share names something that is not a folder.
     NotAFolder(PathBuf),
+    /// `DIR/.shoal` (or `partial/` in it) is a symlink or a file: shoal keeps
+    /// its state only in a real directory, so nothing is written elsewhere.
+    StateNotADirectory(PathBuf),
     /// A download cannot be finished while chunks are missing.
     Incomplete { missing: u32 },
     /// Finishing a download would replace a file the user already has.
@@ -77,6 +85,12 @@ impl fmt::Display for StoreError {
             StoreError::NotAFolder(path) => write!(
                 f,
                 "{} is not a directory: pass the folder to share with --dir",
+                path.display()
+            ),
+            StoreError::StateNotADirectory(path) => write!(
+                f,
+                "{} is not a real directory (a symlink or a file): shoal keeps its state \
+                 only in a directory of its own; remove it and start again",
                 path.display()
             ),
             StoreError::Incomplete { missing } => write!(

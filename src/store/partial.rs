@@ -2,21 +2,29 @@
 //! `DIR/.shoal/partial/<roothex>.part` (the data, sparse, at its final size)
 //! beside `<roothex>.have` (which chunks it holds).
 //!
-//! The bitmap is only a hint: on open every chunk it claims is read back and
-//! checked against the manifest, so a crash between writing data and writing
-//! the bitmap, a torn write or a bit flip on disk costs a re-download of that
-//! chunk, never a wrong byte in the finished file.
+//! The bitmap is only a hint: every chunk it claims is read back and checked
+//! against the manifest before it counts, so a crash between writing data
+//! and writing the bitmap, a torn write or a bit flip on disk costs a
+//! re-download of that chunk, never a wrong byte in the finished file. That
+//! check can be done at once ([`PartialFile::open`]) or a slice at a time
+//! ([`PartialFile::open_unverified`], then [`PartialFile::verify_step`]).
+//!
+//! Every file here is opened relative to the handle on `.shoal/partial`,
+//! never through a symlink, and the data file only if it has no other hard
+//! link; the finished file is renamed into the folder with `RENAME_NOREPLACE`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use fixedbitset::FixedBitSet;
 use log::{debug, info, warn};
+use rustix::fs::AtFlags;
 
-use super::disk::{rename_noreplace, replace_atomically, sync_dir};
+use super::StoreError;
+use super::dirs::{self, FolderDirs};
 use super::manifest::{Manifest, hash_chunk};
-use super::{StoreError, partial_dir};
 use crate::wire::{FileName, Hash};
 
 /// Opens a `.have` file, so a file of any other kind is never mistaken for one.
@@ -29,74 +37,120 @@ const HAVE_HEADER_LEN: usize = 8 + 4 + 32 + 4;
 #[derive(Debug)]
 pub struct PartialFile {
     manifest: Manifest,
+    dirs: FolderDirs,
     data: File,
+    /// Names inside `.shoal/partial/`.
+    data_name: String,
+    have_name: String,
+    /// For messages.
     data_path: PathBuf,
-    have_path: PathBuf,
-    have: Vec<bool>,
+    /// Chunks on disk and verified.
+    have: FixedBitSet,
     have_count: u32,
+    /// Chunks the saved bitmap claims that are not checked yet.
+    unverified: FixedBitSet,
+    /// Claims checked and claims dropped, for the log line at the end.
+    checked: u32,
+    dropped: u32,
     /// Chunks were written (or claims dropped) since the bitmap was saved.
     unsaved: bool,
 }
 
 impl PartialFile {
-    /// Opens or starts the download of `manifest` into the shared folder
-    /// `folder_dir`, keeping every chunk a previous run saved that still
-    /// matches its hash.
-    pub fn open(folder_dir: &Path, manifest: &Manifest) -> io::Result<PartialFile> {
-        let dir = partial_dir(folder_dir);
-        fs::create_dir_all(&dir)?;
+    /// Opens or starts the download of `manifest` in the shared folder,
+    /// keeping every chunk a previous run saved that still matches its hash.
+    /// Reads every claimed chunk back before returning; see
+    /// [`PartialFile::open_unverified`] to do that in slices.
+    pub fn open(dirs: &FolderDirs, manifest: &Manifest) -> io::Result<PartialFile> {
+        let mut partial = PartialFile::open_unverified(dirs, manifest)?;
+        while !partial.verify_step(usize::MAX) {}
+        Ok(partial)
+    }
+
+    /// Opens or starts the download without reading anything back: the
+    /// chunks the saved bitmap claims are "unverified" (neither present nor
+    /// missing) until [`PartialFile::verify_step`] has checked them.
+    pub fn open_unverified(dirs: &FolderDirs, manifest: &Manifest) -> io::Result<PartialFile> {
         let hex = manifest.root.to_hex();
-        let data_path = dir.join(format!("{hex}.part"));
-        let have_path = dir.join(format!("{hex}.have"));
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)?;
+        let data_name = format!("{hex}.part");
+        let have_name = format!("{hex}.have");
+        let data_path = dirs.partial_path(&data_name);
+        let (data, fresh) = open_data(dirs, &data_name, &data_path)?;
         if data.metadata()?.len() != manifest.size {
             // Sparse: reserves no disk blocks until chunks are written.
             data.set_len(manifest.size)?;
         }
-        let claimed = read_bitmap(&have_path, manifest);
-        let mut partial = PartialFile {
-            manifest: manifest.clone(),
-            data,
-            data_path,
-            have_path,
-            have: vec![false; manifest.hashes.len()],
-            have_count: 0,
-            unsaved: false,
+        let count = manifest.hashes.len();
+        let unverified = if fresh {
+            FixedBitSet::with_capacity(count)
+        } else {
+            read_bitmap(dirs, &have_name, manifest)
         };
-        partial.verify_claimed(&claimed)?;
-        Ok(partial)
+        Ok(PartialFile {
+            manifest: manifest.clone(),
+            dirs: dirs.clone(),
+            data,
+            data_name,
+            have_name,
+            data_path,
+            have: FixedBitSet::with_capacity(count),
+            have_count: 0,
+            unverified,
+            checked: 0,
+            dropped: 0,
+            unsaved: fresh,
+        })
     }
 
-    /// Reads back each claimed chunk and keeps only those whose bytes match
-    /// the manifest.
-    fn verify_claimed(&mut self, claimed: &[bool]) -> io::Result<()> {
-        let claims = claimed.iter().filter(|&&c| c).count();
-        if claims == 0 {
-            return Ok(());
-        }
-        let mut buffer = vec![0u8; self.manifest.chunk_size as usize];
-        let mut dropped = 0;
-        for (index, _) in claimed.iter().enumerate().filter(|(_, c)| **c) {
-            // Fits: claimed has one entry per chunk, at most MAX_CHUNKS.
-            let index = index as u32;
-            let chunk = &mut buffer[..self.manifest.chunk_len(index) as usize];
-            self.data
-                .read_exact_at(chunk, self.manifest.chunk_offset(index))?;
-            if hash_chunk(chunk) == self.manifest.hashes[index as usize] {
-                self.mark_present(index);
-            } else {
-                dropped += 1;
+    /// Reads back and checks claimed chunks, about `budget_bytes` of them (at
+    /// least one chunk); each that matches the manifest becomes present, the
+    /// others missing. Returns true once no claim is left unverified. A chunk
+    /// that cannot be read counts as not matching.
+    pub fn verify_step(&mut self, budget_bytes: usize) -> bool {
+        let mut done = 0usize;
+        let mut buffer = Vec::new();
+        while done < budget_bytes.max(1) {
+            let Some(slot) = self.unverified.minimum() else {
+                break;
+            };
+            self.unverified.remove(slot);
+            // Fits: the bitmap has one bit per chunk, at most MAX_CHUNKS.
+            let index = slot as u32;
+            let len = self.manifest.chunk_len(index) as usize;
+            buffer.resize(len, 0);
+            let read = self
+                .data
+                .read_exact_at(&mut buffer, self.manifest.chunk_offset(index));
+            self.checked += 1;
+            match read {
+                Ok(()) if hash_chunk(&buffer) == self.manifest.hashes[slot] => {
+                    self.mark_present(index);
+                }
+                Ok(()) => self.dropped += 1,
+                Err(err) => {
+                    debug!(
+                        "cannot read back chunk {index} of {}: {err}",
+                        self.data_name
+                    );
+                    self.dropped += 1;
+                }
             }
+            done = done.saturating_add(len.max(1));
         }
-        if dropped > 0 {
+        let finished = self.unverified.is_clear();
+        if finished && self.checked > 0 {
+            self.log_verified();
+        }
+        finished
+    }
+
+    fn log_verified(&mut self) {
+        if self.dropped > 0 {
             warn!(
-                "download {}: {dropped} of {claims} saved chunks failed verification, refetching",
-                self.manifest.root.short()
+                "download {}: {} of {} saved chunks failed verification, refetching",
+                self.manifest.root.short(),
+                self.dropped,
+                self.checked
             );
             self.unsaved = true;
         }
@@ -106,13 +160,11 @@ impl PartialFile {
             self.have_count,
             self.manifest.chunk_count()
         );
-        Ok(())
+        (self.checked, self.dropped) = (0, 0);
     }
 
     fn mark_present(&mut self, index: u32) {
-        let slot = &mut self.have[index as usize];
-        if !*slot {
-            *slot = true;
+        if !self.have.put(index as usize) {
             self.have_count += 1;
         }
     }
@@ -122,14 +174,26 @@ impl PartialFile {
         &self.manifest
     }
 
-    /// One entry per chunk: whether it is on disk and verified.
-    pub fn have(&self) -> &[bool] {
+    /// One bit per chunk: set when it is on disk and verified.
+    pub fn have(&self) -> &FixedBitSet {
         &self.have
     }
 
-    /// Whether chunk `index` is present (false past the end).
+    /// Whether chunk `index` is present and verified (false past the end).
     pub fn has(&self, index: u32) -> bool {
-        self.have.get(index as usize).copied().unwrap_or(false)
+        self.have.contains(index as usize)
+    }
+
+    /// Whether chunk `index` is claimed by the saved bitmap but not checked
+    /// yet: neither fetch it nor count it as present until it is.
+    pub fn is_unverified(&self, index: u32) -> bool {
+        self.unverified.contains(index as usize)
+    }
+
+    /// How many claims are still to check.
+    pub fn unverified_count(&self) -> u32 {
+        // Fits: at most one per chunk.
+        self.unverified.count_ones(..) as u32
     }
 
     /// How many chunks are present.
@@ -137,14 +201,16 @@ impl PartialFile {
         self.have_count
     }
 
-    /// How many chunks are still to fetch.
+    /// How many chunks are not present (unverified ones included).
     pub fn missing_count(&self) -> u32 {
         self.manifest.chunk_count() - self.have_count
     }
 
-    /// The chunks still to fetch, in order.
+    /// The chunks still to fetch, in order: neither present nor waiting to
+    /// be verified.
     pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.manifest.chunk_count()).filter(|&index| !self.has(index))
+        (0..self.manifest.chunk_count())
+            .filter(|&index| !self.has(index) && !self.is_unverified(index))
     }
 
     /// Where the data is being written.
@@ -153,8 +219,8 @@ impl PartialFile {
     }
 
     /// Stores chunk `index`, whose hash the caller has already checked. It
-    /// counts as present at once but survives a crash only after the next
-    /// [`PartialFile::save_progress`].
+    /// counts as present at once (an unverified claim on it is settled) but
+    /// survives a crash only after the next [`PartialFile::save_progress`].
     pub fn write_chunk(&mut self, index: u32, data: &[u8]) -> io::Result<()> {
         if index >= self.manifest.chunk_count() {
             return Err(io::Error::new(
@@ -174,6 +240,7 @@ impl PartialFile {
         }
         self.data
             .write_all_at(data, self.manifest.chunk_offset(index))?;
+        self.unverified.remove(index as usize);
         self.mark_present(index);
         self.unsaved = true;
         Ok(())
@@ -181,26 +248,31 @@ impl PartialFile {
 
     /// Makes the chunks written so far survive a crash. The data is synced
     /// before the bitmap is replaced, so the bitmap never claims a chunk whose
-    /// bytes might not be on disk. Call every few seconds and before exit.
+    /// bytes might not be on disk. Claims not yet verified are kept in it.
+    /// Call every few seconds and before exit.
     pub fn save_progress(&mut self) -> io::Result<()> {
         if !self.unsaved {
             return Ok(());
         }
         self.data.sync_data()?;
-        replace_atomically(
-            &self.have_path,
-            &encode_bitmap(&self.manifest.root, &self.have),
+        let mut claims = self.have.clone();
+        claims.union_with(&self.unverified);
+        dirs::replace_atomically(
+            self.dirs.partial(),
+            &self.have_name,
+            &encode_bitmap(&self.manifest.root, &claims),
         )?;
         self.unsaved = false;
         Ok(())
     }
 
-    /// Moves the complete download to `dest_dir/name`, never replacing a file
-    /// already there. On failure the download stays saved, so opening it again
-    /// resumes with every chunk present.
-    pub fn finish(mut self, dest_dir: &Path, name: &FileName) -> Result<PathBuf, StoreError> {
+    /// Moves the complete download into the shared folder as `name`, never
+    /// replacing a file already there. On failure the download stays saved,
+    /// so opening it again resumes with every chunk present.
+    pub fn finish(mut self, name: &FileName) -> Result<PathBuf, StoreError> {
+        let have_path = self.dirs.partial_path(&self.have_name);
         self.save_progress()
-            .map_err(|err| StoreError::io("save download progress to", &self.have_path, err))?;
+            .map_err(|err| StoreError::io("save download progress to", &have_path, err))?;
         let missing = self.missing_count();
         if missing > 0 {
             return Err(StoreError::Incomplete { missing });
@@ -208,69 +280,99 @@ impl PartialFile {
         self.data
             .sync_all()
             .map_err(|err| StoreError::io("sync", &self.data_path, err))?;
-        let dest = dest_dir.join(name.as_str());
-        match rename_noreplace(&self.data_path, &dest) {
+        self.check_still_ours()
+            .map_err(|err| StoreError::io("move", &self.data_path, err))?;
+        let dest = self.dirs.path().join(name.as_str());
+        let (partial, root) = (self.dirs.partial(), self.dirs.root());
+        match dirs::rename_noreplace(partial, &self.data_name, root, name.as_str()) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(StoreError::AlreadyExists(dest));
             }
             Err(err) => return Err(StoreError::io("move the finished download to", &dest, err)),
         }
-        remove_if_present(&self.have_path)
-            .unwrap_or_else(|err| warn!("cannot remove {}: {err}", self.have_path.display()));
-        sync_dir(dest_dir).map_err(|err| StoreError::io("sync", dest_dir, err))?;
+        dirs::remove_if_present(partial, &self.have_name)
+            .unwrap_or_else(|err| warn!("cannot remove {}: {err}", have_path.display()));
+        dirs::sync(root).map_err(|err| StoreError::io("sync", self.dirs.path(), err))?;
         // The file is safe in its place; this only makes the cleanup durable.
-        if let Some(partial) = self.have_path.parent() {
-            sync_dir(partial)
-                .unwrap_or_else(|err| warn!("cannot sync {}: {err}", partial.display()));
-        }
+        dirs::sync(partial).unwrap_or_else(|err| warn!("cannot sync .shoal/partial: {err}"));
         info!("finished {} ({} bytes)", dest.display(), self.manifest.size);
         Ok(dest)
     }
 
+    /// The name we are about to rename must still be the file we wrote: not
+    /// a symlink or another file put in its place meanwhile.
+    fn check_still_ours(&self) -> io::Result<()> {
+        let ours = self.data.metadata()?;
+        let there = rustix::fs::statat(
+            self.dirs.partial(),
+            &*self.data_name,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        #[allow(clippy::unnecessary_cast)] // widths differ between platforms
+        let same = there.st_ino as u64 == ours.ino() && there.st_dev as u64 == ours.dev();
+        if same {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "the partial file was replaced by something else",
+            ))
+        }
+    }
+
     /// Deletes the download's files, for a user who wants to start over.
     pub fn discard(self) -> io::Result<()> {
-        remove_if_present(&self.data_path)?;
-        remove_if_present(&self.have_path)?;
+        dirs::remove_if_present(self.dirs.partial(), &self.data_name)?;
+        dirs::remove_if_present(self.dirs.partial(), &self.have_name)?;
         debug!("discarded download {}", self.manifest.root.short());
         Ok(())
     }
 }
 
-fn remove_if_present(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
+/// Opens the data file, or creates it; returns whether it is new (so no saved
+/// claim can be about it). Anything but our own plain file at its name (a
+/// symlink, a file with another hard link) is removed, never written through.
+fn open_data(dirs: &FolderDirs, name: &str, path: &Path) -> io::Result<(File, bool)> {
+    match dirs::open_own(dirs.partial(), name) {
+        Ok(file) => return Ok((file, false)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => {
+            warn!("replacing {}: {err}", path.display());
+            dirs::remove_if_present(dirs.partial(), name)?;
+        }
     }
+    Ok((
+        dirs::create_new(dirs.partial(), name, dirs::USER_FILE)?,
+        true,
+    ))
 }
 
-fn encode_bitmap(root: &Hash, have: &[bool]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HAVE_HEADER_LEN + have.len().div_ceil(8));
+fn encode_bitmap(root: &Hash, have: &FixedBitSet) -> Vec<u8> {
+    let count = have.len();
+    let mut out = Vec::with_capacity(HAVE_HEADER_LEN + count.div_ceil(8));
     out.extend_from_slice(HAVE_MAGIC);
     out.extend_from_slice(&HAVE_VERSION.to_be_bytes());
     out.extend_from_slice(&root.0);
-    out.extend_from_slice(&(have.len() as u32).to_be_bytes());
-    for bits in have.chunks(8) {
-        let byte = bits
-            .iter()
-            .enumerate()
-            .fold(0u8, |byte, (i, &bit)| byte | (u8::from(bit) << (7 - i)));
-        out.push(byte);
+    out.extend_from_slice(&(count as u32).to_be_bytes());
+    let mut bits = vec![0u8; count.div_ceil(8)];
+    for i in have.ones() {
+        bits[i / 8] |= 0x80 >> (i % 8);
     }
+    out.extend_from_slice(&bits);
     out
 }
 
 /// The chunks a saved bitmap claims, or none if there is no bitmap or it is
 /// not exactly the bitmap of this manifest.
-fn read_bitmap(path: &Path, manifest: &Manifest) -> Vec<bool> {
+fn read_bitmap(dirs: &FolderDirs, name: &str, manifest: &Manifest) -> FixedBitSet {
     let count = manifest.hashes.len();
-    let none = vec![false; count];
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return none,
+    let mut claims = FixedBitSet::with_capacity(count);
+    let bytes = match dirs::read_state_file(dirs.partial(), name) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return claims,
         Err(err) => {
-            warn!("cannot read {}: {err}; starting over", path.display());
-            return none;
+            warn!("cannot read .shoal/partial/{name}: {err}; starting over");
+            return claims;
         }
     };
     let mut header = Vec::with_capacity(HAVE_HEADER_LEN);
@@ -279,19 +381,20 @@ fn read_bitmap(path: &Path, manifest: &Manifest) -> Vec<bool> {
     header.extend_from_slice(&manifest.root.0);
     header.extend_from_slice(&(count as u32).to_be_bytes());
     if bytes.len() != HAVE_HEADER_LEN + count.div_ceil(8) || !bytes.starts_with(&header) {
-        warn!("ignoring {}: not this download's bitmap", path.display());
-        return none;
+        warn!("ignoring .shoal/partial/{name}: not this download's bitmap");
+        return claims;
     }
     let bits = &bytes[HAVE_HEADER_LEN..];
-    (0..count)
-        .map(|i| bits[i / 8] & (0x80 >> (i % 8)) != 0)
-        .collect()
+    for i in (0..count).filter(|i| bits[i / 8] & (0x80 >> (i % 8)) != 0) {
+        claims.insert(i);
+    }
+    claims
 }
 
 /// Where a download's files live, for tests that tamper with them.
 #[cfg(test)]
 fn paths(folder_dir: &Path, root: &Hash) -> (PathBuf, PathBuf) {
-    let dir = partial_dir(folder_dir);
+    let dir = super::partial_dir(folder_dir);
     let hex = root.to_hex();
     (
         dir.join(format!("{hex}.part")),
@@ -303,6 +406,7 @@ fn paths(folder_dir: &Path, root: &Hash) -> (PathBuf, PathBuf) {
 mod tests {
     use super::*;
     use crate::wire::MIN_CHUNK_SIZE;
+    use std::fs::{self, OpenOptions};
 
     const CHUNK: usize = MIN_CHUNK_SIZE as usize;
 
@@ -314,6 +418,10 @@ mod tests {
         (data, manifest)
     }
 
+    fn dirs(path: &Path) -> FolderDirs {
+        FolderDirs::open(path).unwrap()
+    }
+
     fn chunk(data: &[u8], index: u32) -> &[u8] {
         data.chunks(CHUNK).nth(index as usize).unwrap()
     }
@@ -322,7 +430,7 @@ mod tests {
     fn resume_keeps_saved_chunks_only() {
         let tmp = tempfile::tempdir().unwrap();
         let (data, manifest) = sample();
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         assert_eq!(partial.missing_count(), 6);
         for index in [0, 2, 5] {
             partial.write_chunk(index, chunk(&data, index)).unwrap();
@@ -333,8 +441,8 @@ mod tests {
         assert_eq!(partial.have_count(), 4);
         drop(partial);
 
-        let resumed = PartialFile::open(tmp.path(), &manifest).unwrap();
-        assert_eq!(resumed.have(), [true, false, true, false, false, true]);
+        let resumed = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
+        assert_eq!(resumed.have().ones().collect::<Vec<_>>(), [0, 2, 5]);
         assert_eq!(resumed.missing().collect::<Vec<_>>(), [1, 3, 4]);
         assert_eq!(resumed.missing_count(), 3);
     }
@@ -343,7 +451,7 @@ mod tests {
     fn resume_drops_a_claimed_chunk_corrupted_on_disk() {
         let tmp = tempfile::tempdir().unwrap();
         let (data, manifest) = sample();
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         for index in [1, 4] {
             partial.write_chunk(index, chunk(&data, index)).unwrap();
         }
@@ -354,14 +462,14 @@ mod tests {
         file.write_all_at(b"X", manifest.chunk_offset(4) + 17)
             .unwrap();
 
-        let mut resumed = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut resumed = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         assert!(resumed.has(1));
         assert!(!resumed.has(4));
         // The corrected bitmap is saved even with no new chunk written.
         resumed.save_progress().unwrap();
         drop(resumed);
-        let (_, have_path) = paths(tmp.path(), &manifest.root);
-        assert!(!read_bitmap(&have_path, &manifest)[4]);
+        let have_name = format!("{}.have", manifest.root.to_hex());
+        assert!(!read_bitmap(&dirs(tmp.path()), &have_name, &manifest).contains(4));
     }
 
     #[test]
@@ -369,22 +477,24 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (data, manifest) = sample();
         let (_, have_path) = paths(tmp.path(), &manifest.root);
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         partial.write_chunk(0, chunk(&data, 0)).unwrap();
         partial.save_progress().unwrap();
         drop(partial);
         let mut other_root = manifest.root;
         other_root.0[0] ^= 1;
-        fs::write(&have_path, encode_bitmap(&other_root, &[true; 6])).unwrap();
+        let mut all = FixedBitSet::with_capacity(6);
+        all.insert_range(..);
+        fs::write(&have_path, encode_bitmap(&other_root, &all)).unwrap();
         assert_eq!(
-            PartialFile::open(tmp.path(), &manifest)
+            PartialFile::open(&dirs(tmp.path()), &manifest)
                 .unwrap()
                 .have_count(),
             0
         );
         fs::write(&have_path, b"shoalhav garbage").unwrap();
         assert_eq!(
-            PartialFile::open(tmp.path(), &manifest)
+            PartialFile::open(&dirs(tmp.path()), &manifest)
                 .unwrap()
                 .have_count(),
             0
@@ -395,7 +505,7 @@ mod tests {
     fn write_chunk_refuses_wrong_length_and_index() {
         let tmp = tempfile::tempdir().unwrap();
         let (data, manifest) = sample();
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         let short = &chunk(&data, 0)[..CHUNK - 1];
         let err = partial.write_chunk(0, short).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
@@ -413,18 +523,22 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (data, manifest) = sample();
         let name = FileName::new("got.bin").unwrap();
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         for index in (0..6).rev() {
             partial.write_chunk(index, chunk(&data, index)).unwrap();
             if index == 1 {
-                let err = partial.finish(tmp.path(), &name).unwrap_err();
+                let err = partial.finish(&name).unwrap_err();
                 assert!(matches!(err, StoreError::Incomplete { missing: 1 }));
-                partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+                partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
                 assert_eq!(partial.have_count(), 5, "finish saved progress");
             }
         }
-        let dest = partial.finish(tmp.path(), &name).unwrap();
+        let dest = partial.finish(&name).unwrap();
         assert_eq!(dest, tmp.path().join("got.bin"));
+        // The user's file gets the mode any new file gets, not our 0600.
+        fs::write(tmp.path().join("plain"), b"").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions();
+        assert_eq!(mode(&dest), mode(&tmp.path().join("plain")));
         assert_eq!(fs::read(&dest).unwrap(), data);
         let (data_path, have_path) = paths(tmp.path(), &manifest.root);
         assert!(!data_path.exists());
@@ -437,41 +551,139 @@ mod tests {
         let (data, manifest) = sample();
         let name = FileName::new("taken").unwrap();
         fs::write(tmp.path().join("taken"), b"user data").unwrap();
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         for index in 0..6 {
             partial.write_chunk(index, chunk(&data, index)).unwrap();
         }
-        let err = partial.finish(tmp.path(), &name).unwrap_err();
+        let err = partial.finish(&name).unwrap_err();
         assert!(matches!(err, StoreError::AlreadyExists(ref p) if p.ends_with("taken")));
         assert!(err.to_string().contains("already exists"));
         assert_eq!(fs::read(tmp.path().join("taken")).unwrap(), b"user data");
-        let again = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let again = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         assert_eq!(again.missing_count(), 0);
         let other = FileName::new("free").unwrap();
-        assert_eq!(
-            fs::read(again.finish(tmp.path(), &other).unwrap()).unwrap(),
-            data
-        );
+        assert_eq!(fs::read(again.finish(&other).unwrap()).unwrap(), data);
     }
 
     #[test]
     fn empty_file_finishes_at_once_and_discard_removes_files() {
         let tmp = tempfile::tempdir().unwrap();
         let empty = Manifest::from_hashes(0, CHUNK as u32, vec![]);
-        let partial = PartialFile::open(tmp.path(), &empty).unwrap();
+        let partial = PartialFile::open(&dirs(tmp.path()), &empty).unwrap();
         assert_eq!(partial.missing_count(), 0);
-        let dest = partial
-            .finish(tmp.path(), &FileName::new("e").unwrap())
-            .unwrap();
+        let dest = partial.finish(&FileName::new("e").unwrap()).unwrap();
         assert_eq!(fs::metadata(dest).unwrap().len(), 0);
 
         let (data, manifest) = sample();
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         partial.write_chunk(0, chunk(&data, 0)).unwrap();
         partial.save_progress().unwrap();
         partial.discard().unwrap();
         let (data_path, have_path) = paths(tmp.path(), &manifest.root);
         assert!(!data_path.exists() && !have_path.exists());
+    }
+
+    #[test]
+    fn resume_verification_in_slices() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, manifest) = sample();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
+        for index in [0, 2, 3, 5] {
+            partial.write_chunk(index, chunk(&data, index)).unwrap();
+        }
+        partial.save_progress().unwrap();
+        drop(partial);
+        let (data_path, _) = paths(tmp.path(), &manifest.root);
+        let file = OpenOptions::new().write(true).open(&data_path).unwrap();
+        file.write_all_at(b"X", manifest.chunk_offset(3)).unwrap();
+
+        let mut resumed = PartialFile::open_unverified(&dirs(tmp.path()), &manifest).unwrap();
+        assert_eq!(resumed.have_count(), 0);
+        assert_eq!(resumed.unverified_count(), 4);
+        assert_eq!(
+            resumed.missing().collect::<Vec<_>>(),
+            [1, 4],
+            "claims are not fetched"
+        );
+        // A claim settled by a fresh write is not read back.
+        resumed.write_chunk(5, chunk(&data, 5)).unwrap();
+        assert!(!resumed.is_unverified(5));
+        // Saving mid-way keeps the claims still to check.
+        resumed.save_progress().unwrap();
+        let mut steps = 1;
+        while !resumed.verify_step(CHUNK) {
+            steps += 1;
+        }
+        assert_eq!(steps, 3, "one chunk per step");
+        assert_eq!(resumed.have().ones().collect::<Vec<_>>(), [0, 2, 5]);
+        assert_eq!(resumed.missing().collect::<Vec<_>>(), [1, 3, 4]);
+        assert!(resumed.verify_step(CHUNK), "done stays done");
+        resumed.save_progress().unwrap();
+        drop(resumed);
+        let again = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
+        assert_eq!(again.have().ones().collect::<Vec<_>>(), [0, 2, 5]);
+    }
+
+    /// Symlinks and hard links planted at each of the download's names,
+    /// pointing outside: the download still completes and the outside file is
+    /// never written, truncated or read into the download.
+    #[test]
+    fn links_planted_at_the_download_files_lead_nowhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, outside) = (tmp.path().join("shared"), tmp.path().join("victim"));
+        fs::create_dir(&dir).unwrap();
+        let precious = vec![0x5au8; 3 * CHUNK];
+        fs::write(&outside, &precious).unwrap();
+        let (data, manifest) = sample();
+        let dirs = dirs(&dir);
+        let (data_path, have_path) = paths(&dir, &manifest.root);
+        let have_tmp = have_path.with_extension("have.tmp");
+        for planted in [&data_path, &have_path, &have_tmp] {
+            std::os::unix::fs::symlink(&outside, planted).unwrap();
+        }
+        let mut partial = PartialFile::open(&dirs, &manifest).unwrap();
+        assert_eq!(partial.have_count(), 0);
+        for index in 0..3 {
+            partial.write_chunk(index, chunk(&data, index)).unwrap();
+        }
+        partial.save_progress().unwrap();
+        assert!(fs::symlink_metadata(&have_path).unwrap().is_file());
+        drop(partial);
+        assert_eq!(fs::read(&outside).unwrap(), precious);
+
+        // A hard link at the data file's name is not written through either.
+        fs::remove_file(&data_path).unwrap();
+        fs::hard_link(&outside, &data_path).unwrap();
+        let mut partial = PartialFile::open(&dirs, &manifest).unwrap();
+        assert_eq!(
+            partial.have_count(),
+            0,
+            "claims about a replaced file are void"
+        );
+        for index in 0..6 {
+            partial.write_chunk(index, chunk(&data, index)).unwrap();
+        }
+        let name = FileName::new("got").unwrap();
+        let dest = partial.finish(&name).unwrap();
+        assert_eq!(fs::read(dest).unwrap(), data);
+        assert_eq!(fs::read(&outside).unwrap(), precious);
+    }
+
+    #[test]
+    fn finish_refuses_a_data_file_swapped_for_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, manifest) = sample();
+        let dirs = dirs(tmp.path());
+        let mut partial = PartialFile::open(&dirs, &manifest).unwrap();
+        for index in 0..6 {
+            partial.write_chunk(index, chunk(&data, index)).unwrap();
+        }
+        let (data_path, _) = paths(tmp.path(), &manifest.root);
+        fs::remove_file(&data_path).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &data_path).unwrap();
+        let err = partial.finish(&FileName::new("got").unwrap()).unwrap_err();
+        assert!(err.to_string().contains("replaced"), "{err}");
+        assert!(!tmp.path().join("got").exists());
     }
 
     /// A download of 4 GiB + 2 chunks + a short tail: chunks past the 4 GiB
@@ -492,7 +704,7 @@ mod tests {
         let manifest = Manifest::from_hashes(size, chunk_size as u32, hashes);
         assert_eq!(manifest.chunk_len(tail), 1000);
 
-        let mut partial = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let mut partial = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         partial.write_chunk(past, &past_bytes).unwrap();
         partial.write_chunk(tail, &tail_bytes).unwrap();
         partial.save_progress().unwrap();
@@ -506,8 +718,25 @@ mod tests {
         assert_eq!(back[chunk_size as usize + 1], 0xcd);
         drop(partial);
 
-        let resumed = PartialFile::open(tmp.path(), &manifest).unwrap();
+        let resumed = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         assert_eq!(resumed.have_count(), 2);
         assert!(resumed.has(past) && resumed.has(tail));
+    }
+
+    proptest::proptest! {
+        /// Any set of chunks survives the bitmap's encoding exactly.
+        #[test]
+        fn bitmap_round_trips(bits in proptest::collection::vec(proptest::prelude::any::<bool>(), 0..300)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let hashes = vec![Hash::default(); bits.len()];
+            let manifest = Manifest::from_hashes(bits.len() as u64 * CHUNK as u64, CHUNK as u32, hashes);
+            let mut set = FixedBitSet::with_capacity(bits.len());
+            for (i, &bit) in bits.iter().enumerate() {
+                set.set(i, bit);
+            }
+            let dirs = dirs(tmp.path());
+            dirs::replace_atomically(dirs.partial(), "x.have", &encode_bitmap(&manifest.root, &set)).unwrap();
+            proptest::prop_assert_eq!(read_bitmap(&dirs, "x.have", &manifest), set);
+        }
     }
 }

@@ -23,19 +23,13 @@ pub struct Hash(pub [u8; 32]);
 impl Hash {
     /// Lowercase hex, as users see and type it.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
 
-    /// Parses 64 hex digits (the form `to_hex` prints).
+    /// Parses exactly 64 hex digits (the form `to_hex` prints; either case),
+    /// nothing else: no sign, no space, no prefix.
     pub fn from_hex(s: &str) -> Option<Hash> {
-        if s.len() != 64 || !s.is_ascii() {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(Hash(out))
+        blake3::Hash::from_hex(s).ok().map(|h| Hash(*h.as_bytes()))
     }
 
     /// The first 12 hex digits: enough to tell versions apart in logs.
@@ -205,5 +199,10 @@ mod tests {
         assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
         assert_eq!(Hash::from_hex("zz"), None);
         assert_eq!(Hash::from_hex(&"g".repeat(64)), None);
+        // from_str_radix takes a sign: "+f" must not pass for a hex pair.
+        let signed = format!("+f{}", &h.to_hex()[2..]);
+        assert_eq!(Hash::from_hex(&signed), None);
+        assert_eq!(Hash::from_hex(&format!(" {}", &h.to_hex()[1..])), None);
+        assert_eq!(Hash::from_hex(&h.to_hex().to_uppercase()), Some(h));
     }
 }

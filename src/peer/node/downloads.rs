@@ -12,7 +12,7 @@ use super::*;
 use crate::net::{CloseReason, Conn, ConnId, Flow, ReadEnd};
 use crate::peer::download::{Action, Download, DownloadConfig, DownloadOutcome};
 use crate::peer::progress::ProgressReport;
-use crate::store::{self, PartialFile};
+use crate::store::PartialFile;
 use crate::wire::{FileName, HolderGroup, Message, accept};
 
 /// Bytes read per call on a source connection. Measured (1 GiB, one seeder,
@@ -31,9 +31,15 @@ pub(in crate::peer) struct Job {
     /// Each source's connection.
     conns: BTreeMap<SourceId, ConnId>,
     progress: Option<ProgressReport>,
+    /// The partial file's claims are being re-verified, a slice per turn.
+    verifying: bool,
 }
 
 impl Job {
+    pub(super) fn is_verifying(&self) -> bool {
+        self.verifying
+    }
+
     /// Makes verified chunks durable so a crash keeps them.
     pub(super) fn save_progress(&mut self) {
         if let Some(p) = self.partial.as_mut()
@@ -65,6 +71,7 @@ impl Node {
             partial: None,
             conns: BTreeMap::new(),
             progress: None,
+            verifying: false,
         });
         self.apply_download_actions(job, now);
     }
@@ -142,25 +149,57 @@ impl Node {
         }
     }
 
-    /// Opens the partial file of the manifest the core verified, keeping
-    /// what an earlier run verified, and tells the core what is there.
+    /// Opens the partial file of the manifest the core verified. What an
+    /// earlier run claims is re-verified a slice per loop turn
+    /// ([`Node::verify_partials`]), so a big resume never stalls the loop.
     fn open_partial(&mut self, job: usize, now: Instant) {
-        let dir = self.store.dir().to_path_buf();
         let Some(j) = self.downloads.get_mut(job) else {
             return;
         };
         let Some(manifest) = j.core.manifest() else {
             return;
         };
-        let result = PartialFile::open(&dir, manifest).map(|partial| {
-            let have = partial.have().to_vec();
-            let free = store::free_space(&dir).ok();
-            j.partial = Some(partial);
-            (have, free)
-        });
-        if let Ok((have, _)) = &result
-            && (self.config.progress_bar || log::log_enabled!(log::Level::Info))
-        {
+        match PartialFile::open_unverified(self.store.dirs(), manifest) {
+            Ok(partial) => {
+                j.partial = Some(partial);
+                j.verifying = true;
+                self.verify_partials(0, now);
+            }
+            Err(e) => j.core.handle_partial_ready(Err(e), now),
+        }
+    }
+
+    /// One slice of re-verification for each download resuming a partial
+    /// file; a download whose claims are all checked goes on to transfer.
+    pub(super) fn verify_partials(&mut self, budget: usize, now: Instant) {
+        let ready: Vec<usize> = self
+            .downloads
+            .iter_mut()
+            .filter(|(_, j)| j.verifying)
+            .filter_map(|(k, j)| {
+                let partial = j.partial.as_mut()?;
+                partial.verify_step(budget).then_some(k)
+            })
+            .collect();
+        for job in ready {
+            self.partial_verified(job, now);
+            self.apply_download_actions(job, now);
+        }
+    }
+
+    fn partial_verified(&mut self, job: usize, now: Instant) {
+        let free = self.store.dirs().free_space().ok();
+        let Some(j) = self.downloads.get_mut(job) else {
+            return;
+        };
+        j.verifying = false;
+        let (Some(partial), Some(manifest)) = (j.partial.as_ref(), j.core.manifest()) else {
+            return;
+        };
+        let have: Vec<bool> = (0..manifest.chunk_count())
+            .map(|i| partial.has(i))
+            .collect();
+        if self.config.progress_bar || log::log_enabled!(log::Level::Info) {
             let done = (0..manifest.chunk_count())
                 .filter(|&i| have[i as usize])
                 .map(|i| manifest.chunk_len(i) as u64)
@@ -173,7 +212,7 @@ impl Node {
                 now,
             ));
         }
-        j.core.handle_partial_ready(result, now);
+        j.core.handle_partial_ready(Ok((have, free)), now);
     }
 
     /// Every chunk is verified: move the file into the folder and share it
@@ -184,9 +223,7 @@ impl Node {
         };
         let name = j.core.name().clone();
         let result = match j.partial.take() {
-            Some(partial) => partial
-                .finish(self.store.dir(), &name)
-                .map_err(|e| e.to_string()),
+            Some(partial) => partial.finish(&name).map_err(|e| e.to_string()),
             None => Err("the partial file is not open".to_string()),
         };
         if result.is_ok()

@@ -38,6 +38,10 @@ const MANAGER: Token = Token(usize::MAX - 2);
 const STDIN: Token = Token(usize::MAX - 3);
 const SIGNALS: Token = Token(usize::MAX - 4);
 
+/// Bytes of new files hashed per loop turn (a few milliseconds): the loop
+/// keeps answering pings and serving while a big new file is hashed.
+const HASH_SLICE: usize = 4 << 20;
+
 /// Queue more chunks on a serving connection only while less than this is
 /// waiting in user space: disk reads follow the socket's pace.
 const SEND_LOW_WATER: usize = 512 << 10;
@@ -262,7 +266,10 @@ impl Node {
         }
         while self.finished.is_none() {
             let now = Instant::now();
-            let timeout = if self.revisit.is_empty() && !self.revisit_manager {
+            let busy = self.revisit_manager
+                || self.store.has_pending_work()
+                || self.downloads.iter().any(|(_, j)| j.is_verifying());
+            let timeout = if self.revisit.is_empty() && !busy {
                 net::timeout_until(self.next_deadline(), now)
             } else {
                 Some(Duration::ZERO)
@@ -284,6 +291,12 @@ impl Node {
                 self.handle_event(event, now);
             }
             self.handle_timers(now);
+            if self.store.has_pending_work() && self.store.do_work(HASH_SLICE) {
+                self.open_files.clear();
+                self.link.set_shared(self.store.summaries());
+                self.apply_link_actions(now);
+            }
+            self.verify_partials(HASH_SLICE, now);
         }
         self.shutdown();
         self.finished.take().unwrap_or(Ok(()))

@@ -195,7 +195,7 @@ impl Node {
                 failed = Some(format!("file {} is no longer shared", req.root.short()));
                 break;
             };
-            match self.open_files.get(&req.root, &file.path) {
+            match self.open_files.get(&self.store, file) {
                 Ok(f) => conn.send_chunk_from_file(req.index, f, req.offset, req.len),
                 Err(e) => {
                     failed = Some(format!("cannot open {}: {e}", file.name));
