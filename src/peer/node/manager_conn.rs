@@ -153,11 +153,19 @@ impl Node {
                     ));
                 }
             }
-            LinkEvent::Lost { retry_in } => {
-                log::warn!(
-                    "lost the manager at {}; retrying in {retry_in:?}",
-                    self.config.manager
-                );
+            LinkEvent::Lost { retry_in, first } => {
+                // Said once per outage; the retries are only debug lines.
+                if first {
+                    log::warn!(
+                        "cannot reach the manager at {}; retrying in the background",
+                        self.config.manager
+                    );
+                } else {
+                    log::debug!("manager still away; next try in {retry_in:?}");
+                }
+            }
+            LinkEvent::GaveUp(why) => {
+                self.finish(Err(NodeError(why.message(self.config.manager))));
             }
             LinkEvent::Refused(why) => log::error!("{why}"),
         }
