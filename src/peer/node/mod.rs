@@ -37,6 +37,10 @@ const SIGNALS: Token = Token(usize::MAX - 4);
 /// waiting in user space: disk reads follow the socket's pace.
 const SEND_LOW_WATER: usize = 512 << 10;
 
+/// A one-shot `get` fails this soon if the manager never answers (down,
+/// unreachable, or not a manager), rather than retrying while a user waits.
+const GET_MANAGER_LIMIT: Duration = Duration::from_secs(4);
+
 /// How the peer is run.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -147,15 +151,13 @@ impl Node {
                 listen_port: local.port(),
                 advertise: config.advertise,
             },
-            LinkConfig::default(),
+            LinkConfig {
+                give_up_after: matches!(mode, Mode::Get { .. }).then_some(GET_MANAGER_LIMIT),
+                ..LinkConfig::default()
+            },
             now,
         );
         link.set_shared(store.summaries());
-        log::info!(
-            "sharing {} files from {}",
-            store.files().count(),
-            config.dir.display()
-        );
         log::info!("peer serving on {local}");
         let limiter = config
             .upload_limit
@@ -476,8 +478,9 @@ impl Node {
         }
     }
 
+    /// Reported once: a one-shot get returns it (the binary prints it on
+    /// stderr), an interactive peer prints it as the command's answer.
     fn download_failed(&mut self, msg: String) {
-        log::error!("{msg}");
         match self.mode {
             Mode::Get { .. } => self.finish(Err(NodeError(msg))),
             Mode::Interactive => say(&format!("download failed: {msg}\n")),
