@@ -117,18 +117,18 @@ pub struct Unreachable {
 impl Unreachable {
     /// The user's error message for a manager at `addr`.
     pub fn message(&self, addr: SocketAddr) -> String {
-        let tries = match self.attempts {
-            1 => "1 try".to_string(),
-            n => format!("{n} tries"),
-        };
         let secs = self.after.as_secs_f64();
         if self.accepted {
             format!(
-                "the manager at {addr} took the connection but did not answer ({tries} in {secs:.0} s): is a shoal manager listening there? check --manager"
+                "the manager at {addr} took the connection but did not answer within {secs:.0} s (is a shoal manager listening there? check --manager)"
             )
         } else {
+            let tries = match self.attempts {
+                1 => "1 try".to_string(),
+                n => format!("{n} tries"),
+            };
             format!(
-                "cannot reach the manager at {addr} ({tries} in {secs:.0} s): is it running, and is --manager right?"
+                "cannot reach the manager at {addr}: no connection in {secs:.0} s, {tries} (is the manager running there? check --manager)"
             )
         }
     }
@@ -387,7 +387,8 @@ impl ManagerLink {
             State::Connecting { since } | State::AwaitingHello { since }
                 if since + self.config.connect_timeout <= now =>
             {
-                log::warn!(
+                // Debug only: the shell reports the outage once (`Lost`).
+                log::debug!(
                     "manager did not answer within {:?}",
                     self.config.connect_timeout
                 );

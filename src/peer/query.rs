@@ -57,8 +57,10 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<Answer, NodeError> {
     };
     let mut poll =
         Poll::new().map_err(|e| NodeError(format!("cannot create the event loop: {e}")))?;
+    // The hard deadline below reports a mute manager; the link's own
+    // timeout must not fire first and reconnect.
     let config = LinkConfig {
-        connect_timeout: QUERY_LIMIT,
+        connect_timeout: QUERY_LIMIT + Duration::from_secs(1),
         ..LinkConfig::default()
     };
     let mut link = ManagerLink::new(LinkMode::QueryOnly, config, start);
