@@ -118,7 +118,8 @@ struct Args {
 enum Cmd {
     /// Download NAME from the network into DIR, print a summary, and exit.
     Get {
-        /// File name as the network lists it (see `peer files`).
+        /// File name as the network lists it (see `peer files`); quote a
+        /// name with spaces for the shell: get 'my file.txt'.
         #[arg(value_parser = parse_name)]
         name: FileName,
         /// Fetch only this version (64 hex digits, as `files` shows the start of).
