@@ -245,6 +245,15 @@ fn an_interactive_peer_says_once_that_the_manager_is_away_and_keeps_trying() {
             .count()
     };
     assert_eq!(warned(&p), 1, "{}", p.proc.stderr.text());
+    // A question meanwhile is answered at once, not after the next retry.
+    p.proc.send_line("files");
+    wait_for(FAIL_FAST, "files to fail", || {
+        p.proc
+            .stdout
+            .text()
+            .contains("cannot list the network's files")
+    });
+    assert!(p.proc.stdout.text().contains(&addr.to_string()));
     // The manager comes up: the peer joins on its own.
     let mut manager = Manager::start_on(&addr.to_string(), 0.5, 3.0);
     wait_for(WAIT, "the peer to register", || {

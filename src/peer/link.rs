@@ -234,9 +234,14 @@ impl ManagerLink {
         }
     }
 
+    /// Asks the manager, now or once connected. While the manager is away
+    /// (the last try failed and the next is not under way) the question
+    /// fails at once rather than waiting for a retry that may be seconds off.
     pub fn ask(&mut self, query: Query) {
         if self.is_ready() {
             self.send_query(query);
+        } else if self.failures > 0 && matches!(self.state, State::Idle { .. } | State::Closed) {
+            self.event(LinkEvent::QueryFailed(query));
         } else {
             self.queued.push_back(query);
         }
@@ -569,6 +574,35 @@ mod tests {
         drain(&mut link);
         link.handle_disconnected(t);
         assert_eq!(lost_flags(&drain(&mut link)), vec![true]);
+    }
+
+    #[test]
+    fn a_question_while_the_manager_is_away_fails_at_once() {
+        let start = Instant::now();
+        let mut now = start;
+        let mut link = ManagerLink::new(MEMBER, LinkConfig::default(), now);
+        // Before any try, a question waits for the connection.
+        link.ask(Query::ListFiles);
+        assert!(drain(&mut link).is_empty());
+        refuse_until(&mut link, &mut now, start + Duration::from_secs(30));
+        link.ask(Query::ListFiles);
+        assert_eq!(
+            drain(&mut link),
+            vec![LinkAction::Event(LinkEvent::QueryFailed(Query::ListFiles))]
+        );
+        // During a try it waits again: the try ends within connect_timeout.
+        let t = link.poll_timeout().unwrap();
+        link.handle_timeout(t);
+        assert_eq!(drain(&mut link), vec![LinkAction::Connect]);
+        link.ask(Query::ListFiles);
+        assert!(drain(&mut link).is_empty());
+        hello(&mut link, t);
+        let sent = drain(&mut link);
+        assert_eq!(
+            sent.last(),
+            Some(&LinkAction::Send(Message::ListFiles)),
+            "{sent:?}"
+        );
     }
 
     #[test]
