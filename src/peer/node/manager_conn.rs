@@ -148,8 +148,14 @@ impl Node {
                 if let (Query::WhoHas(_), true) = (&query, self.download.is_some()) {
                     self.with_download(now, |d, ctx| d.handle_query_failed(ctx));
                 } else {
+                    let what = match query {
+                        Query::ListFiles => "list the network's files".to_string(),
+                        Query::ListPeers => "list the peers".to_string(),
+                        Query::WhoHas(name) => format!("find the holders of {name}"),
+                    };
                     say(&format!(
-                        "cannot ask the manager ({query:?}): not connected; retrying in the background\n"
+                        "cannot {what}: the manager at {} is not reachable now; retrying in the background\n",
+                        self.config.manager
                     ));
                 }
             }
