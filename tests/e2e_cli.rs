@@ -197,34 +197,50 @@ fn json_lists_parse_and_keep_odd_names_exact() {
 #[test]
 fn an_unreachable_manager_fails_get_peers_and_files_within_5_s() {
     let dl = TempDir::new().unwrap();
-    let dir = dl.path().to_str().unwrap();
+    let dir = dl.path().to_str().unwrap().to_string();
     let dead = dead_port();
     let (mute, _held) = mute_listener();
+    // All six at once: each is bounded on its own, and the test stays short.
+    let mut runs = Vec::new();
     for addr in [dead, mute] {
         let m = addr.to_string();
-        let cases: [Vec<&str>; 3] = [
-            vec!["--manager", &m, "peers"],
-            vec!["--manager", &m, "files"],
-            vec!["--dir", dir, "--manager", &m, "get", "x.bin"],
+        let cases: [Vec<String>; 3] = [
+            vec!["--manager".into(), m.clone(), "peers".into()],
+            vec!["--manager".into(), m.clone(), "files".into()],
+            vec![
+                "--dir".into(),
+                dir.clone(),
+                "--manager".into(),
+                m.clone(),
+                "get".into(),
+                "x.bin".into(),
+            ],
         ];
         for args in cases {
-            let start = Instant::now();
-            let out = peer(&args);
-            let took = start.elapsed();
-            let err = text(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-            assert!(took < FAIL_FAST, "{args:?} took {took:?}");
-            assert!(err.contains(&m), "{args:?}: the message names {m}: {err}");
-            assert!(
-                err.contains("--manager"),
-                "{args:?}: says what to check: {err}"
-            );
-            assert_eq!(err.lines().count(), 1, "{args:?}: said once: {err}");
-            assert!(
-                text(&out.stdout).is_empty(),
-                "{args:?}: errors go to stderr"
-            );
+            let m = m.clone();
+            runs.push(std::thread::spawn(move || {
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                let start = Instant::now();
+                let out = peer(&argv);
+                (args, m, start.elapsed(), out)
+            }));
         }
+    }
+    for run in runs {
+        let (args, m, took, out) = run.join().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(took < FAIL_FAST, "{args:?} took {took:?}");
+        assert!(err.contains(&m), "{args:?}: the message names {m}: {err}");
+        assert!(
+            err.contains("--manager"),
+            "{args:?}: says what to check: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: said once: {err}");
+        assert!(
+            text(&out.stdout).is_empty(),
+            "{args:?}: errors go to stderr"
+        );
     }
 }
 
