@@ -109,7 +109,8 @@ fn transfer(c: &mut Criterion) {
         let _ = done_tx.send(());
     });
     let start = Instant::now();
-    while !shoal::peer::query::ask(manager, Query::ListFiles).is_ok_and(|t| t.contains(FILE_NAME)) {
+    let listed = |a: shoal::peer::query::Answer| matches!(a, shoal::peer::query::Answer::Files(f) if f.iter().any(|f| f.name.as_str() == FILE_NAME));
+    while !shoal::peer::query::ask(manager, Query::ListFiles).is_ok_and(listed) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "seeder never registered"

@@ -12,6 +12,7 @@
 //! Protocol logic never touches a socket or reads the clock: cores take
 //! decoded messages and `now`, and hand back actions and deadlines.
 
+pub mod cli;
 pub mod logging;
 pub mod manager;
 pub mod net;

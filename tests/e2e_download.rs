@@ -61,25 +61,26 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
     std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
 
-/// The `(N bytes, M fetched)` numbers and the peer count of a summary line.
-fn summary_numbers(out: &str) -> (u64, u64, u32) {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("downloaded "))
-        .unwrap_or_else(|| panic!("no summary in {out:?}"));
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit() && c != '.')
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let size = nums[0];
-    let fetched = nums[1];
-    let peers = line
-        .split(" from ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("peer count");
-    (size, fetched, peers)
+/// Runs `get --json` to completion; returns (success, size, fetched bytes,
+/// sources, stdout, stderr) from the summary document.
+fn get_json(dir: &Path, manager: SocketAddr, name: &str) -> (bool, u64, u64, u64, String, String) {
+    let mut p = spawn_get(dir, manager, name, &["--json"]);
+    let status = p.wait_exit(Duration::from_secs(60));
+    let (out, err) = (p.stdout.text(), p.stderr.text());
+    if !status.success() {
+        return (false, 0, 0, 0, out, err);
+    }
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: not JSON: {out:?}"));
+    let field = |k: &str| doc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {out}"));
+    (
+        true,
+        field("size"),
+        field("fetched_bytes"),
+        field("sources"),
+        out,
+        err,
+    )
 }
 
 #[test]
@@ -92,10 +93,9 @@ fn three_seeders_give_a_byte_identical_file() {
     wait_holders(manager.addr, "data.bin", 3);
 
     let dl = TempDir::new().unwrap();
-    let (ok, out, err) = get(dl.path(), manager.addr, "data.bin");
+    let (ok, size, fetched, peers, out, err) = get_json(dl.path(), manager.addr, "data.bin");
     assert!(ok, "get failed: {err}");
     assert!(same_bytes(&src, &dl.path().join("data.bin")));
-    let (size, fetched, peers) = summary_numbers(&out);
     assert_eq!((size, fetched), (24 * MIB + 12345, 24 * MIB + 12345));
     assert!(peers >= 2, "chunks came from {peers} peers: {out}");
     // Nothing left behind in the partial area.
@@ -209,10 +209,9 @@ fn a_killed_download_resumes_with_only_what_was_missing() {
     first.wait_exit(WAIT);
     assert!(!dl.path().join("r.bin").exists(), "not finished yet");
 
-    let (ok, out, err) = get(dl.path(), manager.addr, "r.bin");
+    let (ok, total, fetched, _, out, err) = get_json(dl.path(), manager.addr, "r.bin");
     assert!(ok, "resume failed: {err}");
     assert!(same_bytes(&src, &dl.path().join("r.bin")));
-    let (total, fetched, _) = summary_numbers(&out);
     assert_eq!(total, size);
     assert!(fetched < size, "resume fetched everything again: {out}");
     assert!(err.contains("resuming"), "{err}");

@@ -19,8 +19,9 @@ use shoal::manager::server::{Server, ServerConfig};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, args_override_self = true)]
 struct Args {
-    /// Address to accept peers on.
-    #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR")]
+    /// Address to accept peers on: HOST:PORT or IP:PORT (a host name is
+    /// resolved once, at start).
+    #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR", value_parser = shoal::cli::parse_addr)]
     listen: SocketAddr,
 
     /// Seconds between liveness pings to each peer.
@@ -59,7 +60,7 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = shoal::logging::init(
-        shoal::logging::level(args.verbose, args.quiet),
+        shoal::logging::level(args.verbose, args.quiet, false),
         args.log_file.as_deref(),
     ) {
         eprintln!("manager: {e}");

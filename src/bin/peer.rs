@@ -7,11 +7,49 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use shoal::cli::{parse_addr, parse_rate};
 use shoal::peer::commands::{parse_hash, parse_name};
 use shoal::peer::download::GetRequest;
 use shoal::peer::link::Query;
-use shoal::peer::node::{Mode, Node, NodeConfig};
+use shoal::peer::node::{JsonSink, Mode, Node, NodeConfig};
+use shoal::peer::output;
+use shoal::peer::query::Answer;
 use shoal::wire::{FileName, Hash};
+
+/// How `peer` exits; the README's "Exit codes" lists the same. Kept here, in
+/// one place, so typed errors can map onto new codes later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Done: the file is complete and verified (or was already here), the
+    /// list was printed, or an interactive peer was told to quit.
+    Success = 0,
+    /// What was asked could not be done: the manager is unreachable, the
+    /// file is not on the network, a different file of that name is in the
+    /// folder, the disk is full, interrupted, ...
+    Failed = 1,
+    /// Bad arguments (clap exits with 2 too) or a setting that cannot work:
+    /// no --dir, a log file that cannot be opened, ...
+    Usage = 2,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// Why a run failed: the message printed on stderr, and the exit code.
+struct Failure(Exit, String);
+
+impl Failure {
+    fn failed(msg: impl ToString) -> Failure {
+        Failure(Exit::Failed, msg.to_string())
+    }
+
+    fn usage(msg: impl ToString) -> Failure {
+        Failure(Exit::Usage, msg.to_string())
+    }
+}
 
 /// A shoal peer: shares every file in its folder, keeps the list of live
 /// peers from the manager, and downloads files chunk by chunk from all the
@@ -28,20 +66,22 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 
-    /// Where the manager listens.
-    #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR")]
+    /// Where the manager listens: HOST:PORT or IP:PORT (a host name is
+    /// resolved once, at start).
+    #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR", value_parser = parse_addr)]
     manager: SocketAddr,
 
-    /// Address to serve chunks on (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    /// Address to serve chunks on, HOST:PORT or IP:PORT (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR", value_parser = parse_addr)]
     listen: SocketAddr,
 
     /// Address other peers should connect to, if not the one the manager
     /// sees (behind NAT, or listening on 0.0.0.0).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     advertise: Option<SocketAddr>,
 
-    /// Cap on upload speed for all peers together, e.g. 20MiB or 500KB (per second).
+    /// Cap on upload speed for all peers together, per second, with a unit:
+    /// 20MiB, 500KB, 1.5GB (a bare number is refused).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     upload_limit: Option<u64>,
 
@@ -57,7 +97,8 @@ struct Args {
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     rescan: u64,
 
-    /// More log output (-v debug, -vv trace).
+    /// More log output (-v debug, -vv trace). One-shot commands log only
+    /// warnings and errors unless -v is given.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
@@ -78,7 +119,8 @@ enum Cmd {
     /// Download each NAME from the network into DIR (all at once), print a
     /// summary for each, and exit.
     Get {
-        /// File names as the network lists them (see `peer files`).
+        /// File names as the network lists them (see `peer files`); quote a
+        /// name with spaces for the shell: get 'my file.txt'.
         #[arg(value_parser = parse_name, required = true, num_args = 1..)]
         names: Vec<FileName>,
         /// Fetch only this version (64 hex digits, as `files` shows the start
@@ -88,55 +130,70 @@ enum Cmd {
         /// Keep running and sharing after the download.
         #[arg(long)]
         seed: bool,
+        /// Print each finished download as one JSON document instead:
+        /// {"name":S,"size":N,"root":HEX,"fetched_bytes":N,"seconds":F,"sources":N}.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the live peers and exit, without joining.
-    Peers,
+    Peers {
+        /// Print one JSON document instead: {"peers":[{"id":N,"addr":"IP:PORT"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the files on the network and exit, without joining.
-    Files,
-}
-
-fn parse_rate(s: &str) -> Result<u64, String> {
-    let s = s.trim().trim_end_matches("/s");
-    let size: bytesize::ByteSize = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a rate like 20MiB or 500KB: {e}"))?;
-    if size.as_u64() == 0 {
-        return Err("an upload limit must be above zero".into());
-    }
-    Ok(size.as_u64())
+    Files {
+        /// Print one JSON document instead:
+        /// {"files":[{"name":S,"size":N,"root":HEX,"holders":N}]}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let no_args = std::env::args_os().len() == 1;
     let mut args = Args::parse();
-    if let Err(e) = shoal::logging::init(
-        shoal::logging::level(args.verbose, args.quiet),
+    let one_shot = matches!(
+        args.command,
+        Some(Cmd::Get { seed: false, .. } | Cmd::Peers { .. } | Cmd::Files { .. })
+    );
+    let result = shoal::logging::init(
+        shoal::logging::level(args.verbose, args.quiet, one_shot),
         args.log_file.as_deref(),
-    ) {
-        eprintln!("peer: {e}");
-        return ExitCode::from(2);
-    }
-    if no_args && let Err(e) = ask_like_the_original(&mut args) {
-        eprintln!("peer: {e}");
-        return ExitCode::from(2);
-    }
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("peer: {e}");
-            ExitCode::from(1)
+    )
+    .map_err(Failure::usage)
+    .and_then(|()| {
+        if no_args {
+            ask_like_the_original(&mut args).map_err(Failure::usage)?;
+        }
+        run(args)
+    });
+    match result {
+        Ok(()) => Exit::Success.into(),
+        Err(Failure(code, msg)) => {
+            eprintln!("peer: {msg}");
+            code.into()
         }
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> Result<(), Failure> {
+    let mut json_summary = false;
     let mode = match args.command {
-        Some(Cmd::Peers) => return query(args.manager, Query::ListPeers),
-        Some(Cmd::Files) => return query(args.manager, Query::ListFiles),
-        Some(Cmd::Get { names, hash, seed }) => {
+        Some(Cmd::Peers { json }) => return query(args.manager, Query::ListPeers, json),
+        Some(Cmd::Files { json }) => return query(args.manager, Query::ListFiles, json),
+        Some(Cmd::Get {
+            names,
+            hash,
+            seed,
+            json,
+        }) => {
             if hash.is_some() && names.len() > 1 {
-                return Err("--hash names one version of one file: give a single NAME".into());
+                return Err(Failure::usage(
+                    "--hash names one version of one file: give a single NAME",
+                ));
             }
+            json_summary = json;
             let requests = names
                 .into_iter()
                 .map(|name| GetRequest { name, hash })
@@ -145,9 +202,9 @@ fn run(args: Args) -> Result<(), String> {
         }
         None => Mode::Interactive,
     };
-    let dir = args
-        .dir
-        .ok_or("no folder to share: pass --dir DIR (for example --dir peer1)")?;
+    let dir = args.dir.ok_or_else(|| {
+        Failure::usage("no folder to share: pass --dir DIR (for example --dir peer1)")
+    })?;
     let config = NodeConfig {
         dir,
         manager: args.manager,
@@ -159,14 +216,25 @@ fn run(args: Args) -> Result<(), String> {
         rescan_interval: Duration::from_secs(args.rescan.max(1)),
         progress_bar: io::stderr().is_terminal() && args.log_file.is_none(),
     };
-    let node = Node::new(config, mode).map_err(|e| e.to_string())?;
-    node.run().map_err(|e| e.to_string())
+    let mut node = Node::new(config, mode).map_err(Failure::failed)?;
+    if json_summary {
+        node.set_sink(Box::new(JsonSink));
+    }
+    node.run().map_err(Failure::failed)
 }
 
-fn query(manager: SocketAddr, q: Query) -> Result<(), String> {
-    let text = shoal::peer::query::ask(manager, q).map_err(|e| e.to_string())?;
-    print!("{text}");
-    Ok(())
+fn query(manager: SocketAddr, q: Query, json: bool) -> Result<(), Failure> {
+    let answer = shoal::peer::query::ask(manager, q).map_err(Failure::failed)?;
+    let text = match (answer, json) {
+        (Answer::Peers(peers), false) => output::peer_entries(&peers, None),
+        (Answer::Peers(peers), true) => output::peers_json(&peers),
+        (Answer::Files(files), false) => output::network_files(&files),
+        (Answer::Files(files), true) => output::files_json(&files),
+    };
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::failed(format!("cannot write to stdout: {e}")))
 }
 
 /// The original asked for a port and a peer number; so do we when started bare.

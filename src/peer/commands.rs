@@ -19,46 +19,101 @@ pub enum Command {
     Help,
 }
 
-pub const HELP: &str = "\
-commands:
+pub const HELP: &str = r#"commands:
   get NAME [HASH]  (1)  download NAME from the peers that hold it
   ls               (2)  files this peer shares
   peers            (3)  live peers, as the manager last said
   files                 files on the network, with size and holder count
   status                the download in progress, if any
   quit             (4)  say goodbye to the manager and exit
-";
+NAME is the rest of the line, spaces included: `get my file.txt` fetches
+"my file.txt". Quoted names work too: get "my file.txt" or get 'my file.txt';
+quote a name that starts or ends with a space, starts with a quote, or whose
+last word is 64 hex digits (it would be taken for the HASH). Inside double
+quotes, \" stands for a quote.
+"#;
 
 /// Parses one line; `Ok(None)` for a blank line.
 pub fn parse(line: &str) -> Result<Option<Command>, String> {
-    let mut words = line.split_whitespace();
-    let Some(verb) = words.next() else {
-        return Ok(None);
+    let line = line.trim();
+    let (verb, rest) = match line.split_once(char::is_whitespace) {
+        Some((verb, rest)) => (verb, rest.trim()),
+        None => (line, ""),
     };
-    let rest: Vec<&str> = words.collect();
-    let cmd = match (verb, rest.as_slice()) {
-        ("get" | "1", []) => Command::AskName,
-        ("get" | "1", [name]) => Command::Get {
-            name: parse_name(name)?,
-            hash: None,
-        },
-        ("get" | "1", [name, hash]) => Command::Get {
-            name: parse_name(name)?,
-            hash: Some(parse_hash(hash)?),
-        },
-        ("ls" | "2", []) => Command::Ls,
-        ("peers" | "3", []) => Command::Peers,
-        ("quit" | "exit" | "q" | "4", []) => Command::Quit,
-        ("files", []) => Command::Files,
-        ("status", []) => Command::Status,
-        ("help" | "?", _) => Command::Help,
-        (verb, _) => {
+    if verb.is_empty() {
+        return Ok(None);
+    }
+    let bare = rest.is_empty();
+    let cmd = match verb {
+        "get" | "1" if bare => Command::AskName,
+        "get" | "1" => {
+            let (name, hash) = parse_get_args(rest)?;
+            Command::Get { name, hash }
+        }
+        "ls" | "2" if bare => Command::Ls,
+        "peers" | "3" if bare => Command::Peers,
+        "quit" | "exit" | "q" | "4" if bare => Command::Quit,
+        "files" if bare => Command::Files,
+        "status" if bare => Command::Status,
+        "help" | "?" => Command::Help,
+        verb => {
             return Err(format!(
                 "unknown command {verb:?} (or wrong arguments); type help"
             ));
         }
     };
     Ok(Some(cmd))
+}
+
+/// What follows `get `: a quoted name or the rest of the line, then an
+/// optional hash. Unquoted, the last word is the hash only if it is 64 hex
+/// digits and something comes before it.
+pub fn parse_get_args(rest: &str) -> Result<(FileName, Option<Hash>), String> {
+    let rest = rest.trim();
+    let (name, tail) = if rest.starts_with('"') || rest.starts_with('\'') {
+        unquote(rest)?
+    } else {
+        match rest.rsplit_once(char::is_whitespace) {
+            Some((name, last)) if Hash::from_hex(last).is_some() => {
+                (name.trim_end().to_string(), last)
+            }
+            _ => (rest.to_string(), ""),
+        }
+    };
+    let hash = match tail.trim() {
+        "" => None,
+        hash => Some(parse_hash(hash)?),
+    };
+    Ok((parse_name(&name)?, hash))
+}
+
+/// Splits a leading quoted string (`"..."` with `\"` and `\\` escapes, or
+/// `'...'` taken as it is) from what follows it.
+fn unquote(s: &str) -> Result<(String, &str), String> {
+    let mut chars = s.char_indices();
+    let Some((_, quote)) = chars.next() else {
+        return Err("no name".into());
+    };
+    let mut out = String::new();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            c if c == quote => {
+                let after = &s[i + c.len_utf8()..];
+                if !after.is_empty() && !after.starts_with(char::is_whitespace) {
+                    return Err(format!(
+                        "unexpected {after:?} after the closing quote; put the whole name in quotes"
+                    ));
+                }
+                return Ok((out, after));
+            }
+            '\\' if quote == '"' => match chars.next() {
+                Some((_, e)) => out.push(e),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    Err(format!("no closing {quote} in {s:?}"))
 }
 
 pub fn parse_name(name: &str) -> Result<FileName, String> {
@@ -90,8 +145,51 @@ mod tests {
     fn hostile_names_and_bad_hashes_are_refused() {
         assert!(parse("get ../x").is_err());
         assert!(parse("get /etc/passwd").is_err());
-        assert!(parse("get a zz").is_err());
+        assert!(parse("get \"../x\"").is_err());
+        assert!(parse("get \"a\" zz").is_err());
+        assert!(parse("get \"unclosed").is_err());
+        assert!(parse("get \"a\"b").is_err());
         assert!(parse("frobnicate").is_err());
+        assert!(parse("ls extra").is_err());
         assert_eq!(parse("   ").unwrap(), None);
+    }
+
+    fn get(line: &str) -> (String, Option<Hash>) {
+        match parse(line) {
+            Ok(Some(Command::Get { name, hash })) => (name.as_str().to_string(), hash),
+            other => panic!("{line:?} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn everything_after_get_is_the_name() {
+        assert_eq!(get("get my file.txt"), ("my file.txt".into(), None));
+        assert_eq!(get("get my file.txt   "), ("my file.txt".into(), None));
+        assert_eq!(get("1 two  spaces"), ("two  spaces".into(), None));
+        assert_eq!(get("get a zz"), ("a zz".into(), None));
+        assert_eq!(
+            get("get \u{e9}t\u{e9} \u{1f41f}"),
+            ("\u{e9}t\u{e9} \u{1f41f}".into(), None)
+        );
+    }
+
+    #[test]
+    fn quoted_names_and_a_trailing_hash() {
+        let hex = "ab".repeat(32);
+        let hash = Hash::from_hex(&hex);
+        assert_eq!(get("get \"a b.txt\""), ("a b.txt".into(), None));
+        assert_eq!(get("get 'a b.txt'"), ("a b.txt".into(), None));
+        assert_eq!(get("get \" lead\""), (" lead".into(), None));
+        assert_eq!(get("get \"say \\\"hi\\\"\""), ("say \"hi\"".into(), None));
+        assert_eq!(
+            get(&format!("get my file.txt {hex}")),
+            ("my file.txt".into(), hash)
+        );
+        assert_eq!(get(&format!("get \"a b\" {hex}")), ("a b".into(), hash));
+        // A name that is only a hash-looking word is a name.
+        assert_eq!(get(&format!("get {hex}")), (hex.clone(), None));
+        // Quoted, a hash-looking last word stays part of the name.
+        let name = format!("x {hex}");
+        assert_eq!(get(&format!("get \"{name}\"")), (name, None));
     }
 }

@@ -38,6 +38,10 @@ pub struct LinkConfig {
     /// With no word from the manager for this long, it is presumed gone. The
     /// manager's `Welcome` replaces it with the manager's own peer timeout.
     pub silence_timeout: Duration,
+    /// If the manager has not answered a hello this long after the link was
+    /// made, give up ([`LinkEvent::GaveUp`]) instead of retrying forever: for
+    /// one-shot commands, where a user waits for the answer.
+    pub give_up_after: Option<Duration>,
 }
 
 impl Default for LinkConfig {
@@ -47,6 +51,7 @@ impl Default for LinkConfig {
             retry_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             silence_timeout: Duration::from_secs(15),
+            give_up_after: None,
         }
     }
 }
@@ -81,12 +86,52 @@ pub enum LinkEvent {
     Peers(Vec<PeerEntry>),
     /// A question could not be asked or answered: the manager is unreachable.
     QueryFailed(Query),
-    /// The connection to the manager was lost; retrying in the given time.
+    /// The connection to the manager was lost, or could not be made;
+    /// retrying in the given time. `first` is set for the first failure since
+    /// the manager last answered, unless the link may still give up (then
+    /// `GaveUp` is the one to tell): worth telling the user once, the
+    /// retries are not.
     Lost {
         retry_in: Duration,
+        first: bool,
     },
+    /// `give_up_after` passed without an answer from the manager; the link
+    /// is closed and will not retry.
+    GaveUp(Unreachable),
     /// The manager refused us (version mismatch, ...).
     Refused(String),
+}
+
+/// How a link that gave up had fared, for a message that says what to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreachable {
+    /// Connection attempts made.
+    pub attempts: u32,
+    /// Whether any attempt got a TCP connection (so something listens there,
+    /// but it did not answer like a manager).
+    pub accepted: bool,
+    /// How long the link tried.
+    pub after: Duration,
+}
+
+impl Unreachable {
+    /// The user's error message for a manager at `addr`.
+    pub fn message(&self, addr: SocketAddr) -> String {
+        let secs = self.after.as_secs_f64();
+        if self.accepted {
+            format!(
+                "the manager at {addr} took the connection but did not answer within {secs:.0} s (is a shoal manager listening there? check --manager)"
+            )
+        } else {
+            let tries = match self.attempts {
+                1 => "1 try".to_string(),
+                n => format!("{n} tries"),
+            };
+            format!(
+                "cannot reach the manager at {addr}: no connection in {secs:.0} s, {tries} (is the manager running there? check --manager)"
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +171,14 @@ pub struct ManagerLink {
     /// Questions asked while not connected.
     queued: VecDeque<Query>,
     actions: VecDeque<LinkAction>,
+    /// Connection attempts that failed since the manager last answered a hello.
+    failures: u32,
+    /// When the link was made, and whether any attempt got connected: for
+    /// `give_up_after`, and the message when it fires.
+    created: Instant,
+    accepted: bool,
+    /// Set until the manager first answers, if the link may give up.
+    give_up_at: Option<Instant>,
 }
 
 impl ManagerLink {
@@ -144,6 +197,10 @@ impl ManagerLink {
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
             actions: VecDeque::new(),
+            failures: 0,
+            created: now,
+            accepted: false,
+            give_up_at: config.give_up_after.map(|d| now + d),
         }
     }
 
@@ -177,9 +234,14 @@ impl ManagerLink {
         }
     }
 
+    /// Asks the manager, now or once connected. While the manager is away
+    /// (the last try failed and the next is not under way) the question
+    /// fails at once rather than waiting for a retry that may be seconds off.
     pub fn ask(&mut self, query: Query) {
         if self.is_ready() {
             self.send_query(query);
+        } else if self.failures > 0 && matches!(self.state, State::Idle { .. } | State::Closed) {
+            self.event(LinkEvent::QueryFailed(query));
         } else {
             self.queued.push_back(query);
         }
@@ -191,6 +253,7 @@ impl ManagerLink {
             return;
         }
         self.set_state(State::AwaitingHello { since: now });
+        self.accepted = true;
         self.send(Message::Hello {
             version: PROTOCOL_VERSION,
             role: Role::ManagerClient,
@@ -225,8 +288,10 @@ impl ManagerLink {
             self.actions
                 .push_back(LinkAction::Event(LinkEvent::QueryFailed(query)));
         }
+        self.failures = self.failures.saturating_add(1);
+        let first = self.failures == 1 && self.give_up_at.is_none();
         self.actions
-            .push_back(LinkAction::Event(LinkEvent::Lost { retry_in }));
+            .push_back(LinkAction::Event(LinkEvent::Lost { retry_in, first }));
     }
 
     pub fn handle_message(&mut self, msg: Message<'_>, now: Instant) {
@@ -244,6 +309,8 @@ impl ManagerLink {
                     return;
                 }
                 self.set_state(State::Ready { last_heard: now });
+                self.failures = 0;
+                self.give_up_at = None;
                 if self.mode == LinkMode::QueryOnly {
                     self.backoff = self.config.retry_min;
                 }
@@ -314,6 +381,9 @@ impl ManagerLink {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.give_up_at.is_some_and(|t| t <= now) && self.state != State::Closed {
+            return self.give_up(now);
+        }
         match self.state {
             State::Idle { retry_at } if retry_at <= now => {
                 self.set_state(State::Connecting { since: now });
@@ -322,7 +392,8 @@ impl ManagerLink {
             State::Connecting { since } | State::AwaitingHello { since }
                 if since + self.config.connect_timeout <= now =>
             {
-                log::warn!(
+                // Debug only: the shell reports the outage once (`Lost`).
+                log::debug!(
                     "manager did not answer within {:?}",
                     self.config.connect_timeout
                 );
@@ -356,14 +427,36 @@ impl ManagerLink {
 
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
+        let t = match self.state {
             State::Idle { retry_at } => Some(retry_at),
             State::Connecting { since } | State::AwaitingHello { since } => {
                 Some(since + self.config.connect_timeout)
             }
             State::Ready { last_heard } => Some(self.silence_deadline(last_heard)),
-            State::Closed => None,
+            State::Closed => return None,
+        };
+        match (t, self.give_up_at) {
+            (Some(t), Some(g)) => Some(t.min(g)),
+            (t, g) => t.or(g),
         }
+    }
+
+    fn give_up(&mut self, now: Instant) {
+        let attempts = self.failures + u32::from(!matches!(self.state, State::Idle { .. }));
+        if !matches!(self.state, State::Idle { .. }) {
+            self.actions.push_back(LinkAction::Close);
+        }
+        self.set_state(State::Closed);
+        self.give_up_at = None;
+        for query in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+            self.actions
+                .push_back(LinkAction::Event(LinkEvent::QueryFailed(query)));
+        }
+        self.event(LinkEvent::GaveUp(Unreachable {
+            attempts: attempts.max(1),
+            accepted: self.accepted,
+            after: now.duration_since(self.created),
+        }));
     }
 
     /// A registered member hears a ping every heartbeat, so silence means
@@ -379,7 +472,7 @@ impl ManagerLink {
     }
 
     fn fail(&mut self, why: String, now: Instant) {
-        log::error!("{why}");
+        // Not logged here: the shell reports `Refused` (once).
         self.event(LinkEvent::Refused(why));
         self.actions.push_back(LinkAction::Close);
         self.handle_disconnected(now);
@@ -409,5 +502,198 @@ impl ManagerLink {
             log::debug!("manager link: {} => {}", self.state, state);
         }
         self.state = state;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEMBER: LinkMode = LinkMode::Member {
+        listen_port: 7000,
+        advertise: None,
+    };
+
+    fn drain(link: &mut ManagerLink) -> Vec<LinkAction> {
+        std::iter::from_fn(|| link.poll_action()).collect()
+    }
+
+    fn lost_flags(actions: &[LinkAction]) -> Vec<bool> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                LinkAction::Event(LinkEvent::Lost { first, .. }) => Some(*first),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every connect is refused: runs the link to each deadline until `end`.
+    fn refuse_until(link: &mut ManagerLink, now: &mut Instant, end: Instant) -> Vec<LinkAction> {
+        let mut all = Vec::new();
+        while let Some(t) = link.poll_timeout().filter(|t| *t <= end) {
+            *now = t;
+            link.handle_timeout(t);
+            for action in drain(link) {
+                if action == LinkAction::Connect {
+                    link.handle_disconnected(t);
+                }
+                all.push(action);
+            }
+            all.extend(drain(link));
+        }
+        all
+    }
+
+    fn hello(link: &mut ManagerLink, now: Instant) {
+        link.handle_connected(now);
+        link.handle_message(
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Manager,
+            },
+            now,
+        );
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_until_the_manager_answers_again() {
+        let start = Instant::now();
+        let mut now = start;
+        let mut link = ManagerLink::new(MEMBER, LinkConfig::default(), now);
+        let actions = refuse_until(&mut link, &mut now, start + Duration::from_secs(60));
+        let flags = lost_flags(&actions);
+        assert!(flags.len() > 5, "{flags:?}");
+        assert_eq!(flags.iter().filter(|f| **f).count(), 1);
+        assert!(flags[0]);
+        // Back, then gone again: one more report.
+        let t = link.poll_timeout().unwrap();
+        link.handle_timeout(t);
+        assert_eq!(drain(&mut link), vec![LinkAction::Connect]);
+        hello(&mut link, t);
+        drain(&mut link);
+        link.handle_disconnected(t);
+        assert_eq!(lost_flags(&drain(&mut link)), vec![true]);
+    }
+
+    #[test]
+    fn a_question_while_the_manager_is_away_fails_at_once() {
+        let start = Instant::now();
+        let mut now = start;
+        let mut link = ManagerLink::new(MEMBER, LinkConfig::default(), now);
+        // Before any try, a question waits for the connection.
+        link.ask(Query::ListFiles);
+        assert!(drain(&mut link).is_empty());
+        refuse_until(&mut link, &mut now, start + Duration::from_secs(30));
+        link.ask(Query::ListFiles);
+        assert_eq!(
+            drain(&mut link),
+            vec![LinkAction::Event(LinkEvent::QueryFailed(Query::ListFiles))]
+        );
+        // During a try it waits again: the try ends within connect_timeout.
+        let t = link.poll_timeout().unwrap();
+        link.handle_timeout(t);
+        assert_eq!(drain(&mut link), vec![LinkAction::Connect]);
+        link.ask(Query::ListFiles);
+        assert!(drain(&mut link).is_empty());
+        hello(&mut link, t);
+        let sent = drain(&mut link);
+        assert_eq!(
+            sent.last(),
+            Some(&LinkAction::Send(Message::ListFiles)),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_link_that_may_give_up_gives_up_on_time_and_stops() {
+        let start = Instant::now();
+        let mut now = start;
+        let config = LinkConfig {
+            give_up_after: Some(Duration::from_secs(4)),
+            ..LinkConfig::default()
+        };
+        let mut link = ManagerLink::new(MEMBER, config, now);
+        link.ask(Query::WhoHas(FileName::new("a").unwrap()));
+        let actions = refuse_until(&mut link, &mut now, start + Duration::from_secs(60));
+        assert_eq!(now, start + Duration::from_secs(4));
+        assert!(
+            lost_flags(&actions).iter().all(|f| !f),
+            "GaveUp is the report"
+        );
+        let gave_up: Vec<&Unreachable> = actions
+            .iter()
+            .filter_map(|a| match a {
+                LinkAction::Event(LinkEvent::GaveUp(u)) => Some(u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gave_up.len(), 1);
+        let u = gave_up[0];
+        assert!(!u.accepted);
+        assert_eq!(u.after, Duration::from_secs(4));
+        // Tries at 0, 0.25, 0.75, 1.75 and 3.75 s.
+        assert_eq!(u.attempts, 5);
+        let msg = u.message("127.0.0.1:1".parse().unwrap());
+        assert!(
+            msg.contains("127.0.0.1:1") && msg.contains("--manager"),
+            "{msg}"
+        );
+        assert!(link.poll_timeout().is_none());
+        link.handle_timeout(now + Duration::from_secs(100));
+        assert!(drain(&mut link).is_empty());
+    }
+
+    #[test]
+    fn a_listener_that_never_says_hello_is_given_up_on_too() {
+        let start = Instant::now();
+        let config = LinkConfig {
+            give_up_after: Some(Duration::from_secs(4)),
+            ..LinkConfig::default()
+        };
+        let mut link = ManagerLink::new(LinkMode::QueryOnly, config, start);
+        link.handle_timeout(start);
+        assert_eq!(drain(&mut link), vec![LinkAction::Connect]);
+        link.handle_connected(start);
+        drain(&mut link);
+        let t = link.poll_timeout().unwrap();
+        assert_eq!(t, start + Duration::from_secs(4));
+        link.handle_timeout(t);
+        let actions = drain(&mut link);
+        assert!(actions.contains(&LinkAction::Close), "{actions:?}");
+        let accepted = actions.iter().any(|a| {
+            matches!(a, LinkAction::Event(LinkEvent::GaveUp(u)) if u.accepted && u.attempts == 1)
+        });
+        assert!(accepted, "{actions:?}");
+        let msg = Unreachable {
+            attempts: 1,
+            accepted: true,
+            after: Duration::from_secs(4),
+        }
+        .message("127.0.0.1:9".parse().unwrap());
+        assert!(msg.contains("did not answer"), "{msg}");
+    }
+
+    #[test]
+    fn an_answer_in_time_cancels_giving_up() {
+        let start = Instant::now();
+        let config = LinkConfig {
+            give_up_after: Some(Duration::from_secs(4)),
+            ..LinkConfig::default()
+        };
+        let mut link = ManagerLink::new(MEMBER, config, start);
+        link.handle_timeout(start);
+        drain(&mut link);
+        hello(&mut link, start + Duration::from_secs(1));
+        drain(&mut link);
+        link.handle_timeout(start + Duration::from_secs(5));
+        let actions = drain(&mut link);
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, LinkAction::Event(LinkEvent::GaveUp(_)))),
+            "{actions:?}"
+        );
+        assert!(link.is_ready());
     }
 }

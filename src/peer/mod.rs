@@ -6,7 +6,7 @@ pub mod download;
 mod files;
 pub mod link;
 pub mod node;
-mod output;
+pub mod output;
 mod progress;
 pub mod query;
 pub mod ratelimit;

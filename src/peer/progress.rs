@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::output::{human_rate, human_size, shown};
 use crate::wire::FileName;
 
 /// Seconds between log lines when there is no terminal.
@@ -33,7 +34,7 @@ impl ProgressReport {
             bar
         });
         ProgressReport {
-            name: name.to_string(),
+            name: shown(name),
             total,
             bar,
             started: now,
@@ -60,10 +61,11 @@ impl ProgressReport {
             done as f64 * 100.0 / self.total as f64
         };
         log::info!(
-            "{}: {pct:.0}% ({done} of {} bytes), {:.1} MB/s, {peers} peers",
+            "{}: {pct:.0}% ({} of {}), {}, {peers} peers",
             self.name,
-            self.total,
-            rate / 1e6
+            human_size(done),
+            human_size(self.total),
+            human_rate(rate)
         );
     }
 

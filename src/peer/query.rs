@@ -1,41 +1,79 @@
 //! `peer --manager ADDR peers|files`: ask the manager one question without
-//! joining, print the answer, exit. Same link core and the same kind of
-//! event loop as a full peer, just with one connection.
+//! joining, return the answer, exit. Same link core and the same kind of
+//! event loop as a full peer, just with one connection, and a hard bound on
+//! the whole exchange so a manager that is down, unreachable or mute is
+//! reported within [`QUERY_LIMIT`].
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
 use super::link::{LinkAction, LinkConfig, LinkEvent, LinkMode, ManagerLink, Query};
 use super::node::NodeError;
-use super::output;
 use crate::net::{self, CloseReason, Conn, Flow, ReadEnd};
-use crate::wire::accept;
+use crate::wire::{NetworkFile, PeerEntry, accept};
 
 const MANAGER: Token = Token(0);
 
-/// Asks `query` and returns the answer formatted for printing.
-pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
-    let unreachable = |why: String| {
+/// The whole question, from connect to answer, must take less than this.
+pub const QUERY_LIMIT: Duration = Duration::from_secs(4);
+
+/// What the manager answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Peers(Vec<PeerEntry>),
+    Files(Vec<NetworkFile>),
+}
+
+/// How far the exchange got, for an error that says what to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Connecting,
+    Connected,
+}
+
+/// Asks `query` (`ListPeers` or `ListFiles`) and returns the answer.
+pub fn ask(manager: SocketAddr, query: Query) -> Result<Answer, NodeError> {
+    let start = Instant::now();
+    let deadline = start + QUERY_LIMIT;
+    let refused = |why: String| {
         NodeError::Manager(format!(
-            "cannot reach the manager at {manager}: {why} (is it running? see --manager)"
+            "cannot reach the manager at {manager}: {why} (is the manager running there? check --manager)"
         ))
+    };
+    let silent = |stage: Stage| {
+        let secs = QUERY_LIMIT.as_secs();
+        NodeError::Manager(match stage {
+            Stage::Connecting => format!(
+                "no answer from the manager at {manager} within {secs} s (check --manager, and that no firewall drops the connection)"
+            ),
+            Stage::Connected => format!(
+                "the manager at {manager} took the connection but did not answer within {secs} s (is a shoal manager listening there? check --manager)"
+            ),
+        })
     };
     let mut poll =
         Poll::new().map_err(|e| NodeError::Setup(format!("cannot create the event loop: {e}")))?;
-    let mut link = ManagerLink::new(LinkMode::QueryOnly, LinkConfig::default(), Instant::now());
+    // The hard deadline below reports a mute manager; the link's own
+    // timeout must not fire first and reconnect.
+    let config = LinkConfig {
+        connect_timeout: QUERY_LIMIT + Duration::from_secs(1),
+        ..LinkConfig::default()
+    };
+    let mut link = ManagerLink::new(LinkMode::QueryOnly, config, start);
     link.ask(query);
     let mut conn: Option<Conn> = None;
-    let mut connected = false;
+    let mut stage = Stage::Connecting;
+    let mut closed: Option<NodeError> = None;
     let mut events = Events::with_capacity(16);
     loop {
         while let Some(action) = link.poll_action() {
             match action {
                 LinkAction::Connect => {
                     let c = Conn::connect(manager, poll.registry(), MANAGER, accept::LINK)
-                        .map_err(|e| unreachable(e.to_string()))?;
+                        .map_err(|e| refused(e.to_string()))?;
                     conn = Some(c);
                 }
                 LinkAction::Send(msg) => {
@@ -44,26 +82,26 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
                     }
                 }
                 LinkAction::Close => {}
-                LinkAction::Event(LinkEvent::Peers(peers)) => {
-                    return Ok(output::peer_entries(&peers, None));
-                }
-                LinkAction::Event(LinkEvent::Files(files)) => {
-                    return Ok(output::network_files(&files));
-                }
+                LinkAction::Event(LinkEvent::Peers(peers)) => return Ok(Answer::Peers(peers)),
+                LinkAction::Event(LinkEvent::Files(files)) => return Ok(Answer::Files(files)),
                 LinkAction::Event(LinkEvent::Lost { .. }) => {
-                    return Err(unreachable("connection lost or refused".into()));
+                    return Err(closed.take().unwrap_or_else(|| silent(stage)));
                 }
                 LinkAction::Event(LinkEvent::Refused(why)) => return Err(NodeError::Manager(why)),
                 LinkAction::Event(_) => {}
             }
         }
-        if let (Some(c), true) = (conn.as_mut(), connected) {
+        if let (Some(c), Stage::Connected) = (conn.as_mut(), stage) {
             c.flush()
                 .and_then(|_| c.sync_interest(poll.registry(), MANAGER))
-                .map_err(|e| unreachable(e.to_string()))?;
+                .map_err(|e| refused(e.to_string()))?;
         }
         let now = Instant::now();
-        if let Err(e) = poll.poll(&mut events, net::timeout_until(link.poll_timeout(), now))
+        if now >= deadline {
+            return Err(silent(stage));
+        }
+        let timeout = net::timeout_until(net::earliest(link.poll_timeout(), Some(deadline)), now);
+        if let Err(e) = poll.poll(&mut events, timeout)
             && e.kind() != io::ErrorKind::Interrupted
         {
             return Err(NodeError::Loop(e));
@@ -71,14 +109,17 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
         let now = Instant::now();
         if !events.is_empty() {
             let Some(c) = conn.as_mut() else { continue };
-            if !connected {
+            if stage == Stage::Connecting {
                 match c.is_connected() {
                     Ok(true) => {
-                        connected = true;
+                        stage = Stage::Connected;
                         link.handle_connected(now);
                     }
+                    Ok(false) if events.iter().any(|e| e.is_error() || e.is_write_closed()) => {
+                        return Err(refused("connection refused".into()));
+                    }
                     Ok(false) => continue,
-                    Err(e) => return Err(unreachable(e.to_string())),
+                    Err(e) => return Err(refused(e.to_string())),
                 }
             }
             loop {
@@ -91,9 +132,21 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<String, NodeError> {
                     ReadEnd::Open { revisit: true } => continue,
                     ReadEnd::Open { revisit: false } => {}
                     ReadEnd::Closed(CloseReason::BadFrame(e)) => {
-                        return Err(unreachable(e.to_string()));
+                        return Err(NodeError::Manager(format!(
+                            "the manager at {manager} sent a bad frame: {e}"
+                        )));
                     }
-                    ReadEnd::Closed(_) => link.handle_disconnected(now),
+                    ReadEnd::Closed(why) => {
+                        // An answer read just before the close still comes
+                        // out of the link first; the error is for when none did.
+                        closed = Some(match why {
+                            CloseReason::Io(e) => refused(e.to_string()),
+                            _ => NodeError::Manager(format!(
+                                "the manager at {manager} closed the connection without answering (is a shoal manager listening there? check --manager)"
+                            )),
+                        });
+                        link.handle_disconnected(now);
+                    }
                 }
                 break;
             }

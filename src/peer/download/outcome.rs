@@ -21,24 +21,6 @@ pub struct DownloadSummary {
     pub path: PathBuf,
 }
 
-impl fmt::Display for DownloadSummary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.seconds.max(1e-6);
-        write!(
-            f,
-            "downloaded {} ({} bytes, {} fetched) in {:.2}s: {:.1} MB/s from {} peers; root {}; saved to {}",
-            self.name,
-            self.size,
-            self.fetched_bytes,
-            secs,
-            self.fetched_bytes as f64 / secs / 1e6,
-            self.sources,
-            self.root,
-            self.path.display()
-        )
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum DownloadOutcome {
     Done(DownloadSummary),

@@ -250,28 +250,39 @@ impl Node {
         if let Some(p) = j.progress.take() {
             p.finish();
         }
+        let requested = match &self.mode {
+            Mode::Get { requests, .. } => requests.len(),
+            Mode::Interactive => 0,
+        };
         if let DownloadOutcome::Failed(e) = &outcome {
-            log::error!("{e}");
-            if matches!(self.mode, Mode::Interactive) {
-                self.say(&format!("download failed: {e}\n"));
+            // Said once: an interactive peer answers the command with it; a
+            // one-shot get of one file returns it (the binary prints it on
+            // stderr); of several, each is named as it fails.
+            match self.mode {
+                Mode::Interactive => self.say(&format!("download failed: {e}\n")),
+                Mode::Get { .. } if requested > 1 => log::error!("{e}"),
+                Mode::Get { .. } => {}
             }
-            self.first_failure.get_or_insert_with(|| e.clone());
+            self.failures.push(e.clone());
         }
         self.sink.report(Report::DownloadEnded(&outcome));
         if matches!(outcome, DownloadOutcome::Done(_)) {
             self.rescan();
         }
-        if matches!(self.mode, Mode::Get { seed: false, .. }) && self.downloads.is_empty() {
-            let result = match self.first_failure.take() {
-                Some(e) => Err(NodeError::Download(e)),
-                None => Ok(()),
+        let Mode::Get { seed, .. } = self.mode else {
+            return;
+        };
+        if self.downloads.is_empty() && (!seed || !self.failures.is_empty()) {
+            let mut failures = std::mem::take(&mut self.failures);
+            let result = match failures.len() {
+                0 => Ok(()),
+                1 if requested == 1 => Err(NodeError::Download(failures.remove(0))),
+                failed => Err(NodeError::Downloads {
+                    failed,
+                    total: requested,
+                }),
             };
             self.finish(result);
-        } else if let (Mode::Get { seed: true, .. }, Some(e)) = (&self.mode, &self.first_failure)
-            && self.downloads.is_empty()
-        {
-            let e = e.clone();
-            self.finish(Err(NodeError::Download(e)));
         }
     }
 

@@ -121,16 +121,30 @@ impl Node {
                     _ => false,
                 };
                 if !for_download {
+                    let what = match query {
+                        Query::ListFiles => "list the network's files".to_string(),
+                        Query::ListPeers => "list the peers".to_string(),
+                        Query::WhoHas(name) => format!("find the holders of {name}"),
+                    };
                     self.say(&format!(
-                        "cannot ask the manager ({query:?}): not connected; retrying in the background\n"
+                        "cannot {what}: the manager at {} is not reachable now; retrying in the background\n",
+                        self.config.manager
                     ));
                 }
             }
-            LinkEvent::Lost { retry_in } => {
-                log::warn!(
-                    "lost the manager at {}; retrying in {retry_in:?}",
-                    self.config.manager
-                );
+            LinkEvent::Lost { retry_in, first } => {
+                // Said once per outage; the retries are only debug lines.
+                if first {
+                    log::warn!(
+                        "cannot reach the manager at {}; retrying in the background",
+                        self.config.manager
+                    );
+                } else {
+                    log::debug!("manager still away; next try in {retry_in:?}");
+                }
+            }
+            LinkEvent::GaveUp(why) => {
+                self.finish(Err(NodeError::Manager(why.message(self.config.manager))));
             }
             LinkEvent::Refused(why) => log::error!("{why}"),
         }

@@ -11,7 +11,7 @@ mod manager_conn;
 mod serving;
 mod sink;
 
-pub use sink::{Report, Sink, StdoutSink};
+pub use sink::{JsonSink, Report, Sink, StdoutSink};
 
 use std::io;
 use std::net::SocketAddr;
@@ -45,6 +45,10 @@ const HASH_SLICE: usize = 4 << 20;
 /// Queue more chunks on a serving connection only while less than this is
 /// waiting in user space: disk reads follow the socket's pace.
 const SEND_LOW_WATER: usize = 512 << 10;
+
+/// A one-shot `get` fails this soon if the manager never answers (down,
+/// unreachable, or not a manager), rather than retrying while a user waits.
+const GET_MANAGER_LIMIT: Duration = Duration::from_secs(4);
 
 /// How the peer is run.
 #[derive(Debug, Clone)]
@@ -86,8 +90,10 @@ pub enum NodeError {
     Loop(std::io::Error),
     /// The manager could not be reached, or refused us.
     Manager(String),
-    /// One or more downloads of a one-shot `get` failed (the first error).
+    /// The download of a one-shot `get` failed.
     Download(DownloadError),
+    /// Some of a one-shot `get`'s several downloads failed (each was logged).
+    Downloads { failed: usize, total: usize },
     /// Stopped by a signal before the downloads finished.
     Interrupted { names: Vec<String> },
 }
@@ -99,6 +105,9 @@ impl std::fmt::Display for NodeError {
             NodeError::Loop(e) => write!(f, "event loop failed: {e}"),
             NodeError::Manager(why) => f.write_str(why),
             NodeError::Download(e) => write!(f, "{e}"),
+            NodeError::Downloads { failed, total } => {
+                write!(f, "{failed} of {total} downloads failed (see above)")
+            }
             NodeError::Interrupted { names } => write!(
                 f,
                 "interrupted; the verified part of {} is kept, run the same get to resume",
@@ -156,8 +165,8 @@ pub struct Node {
     /// When the limiter next has tokens for a waiting connection.
     limiter_wake: Option<Instant>,
     pub(super) downloads: Slab<downloads::Job>,
-    /// The first failure among a one-shot get's downloads.
-    first_failure: Option<DownloadError>,
+    /// How the downloads of a one-shot get failed.
+    failures: Vec<DownloadError>,
     mode: Mode,
     stdin: StdinLines,
     awaiting_name: bool,
@@ -203,15 +212,13 @@ impl Node {
                 listen_port: local.port(),
                 advertise: config.advertise,
             },
-            LinkConfig::default(),
+            LinkConfig {
+                give_up_after: matches!(mode, Mode::Get { .. }).then_some(GET_MANAGER_LIMIT),
+                ..LinkConfig::default()
+            },
             now,
         );
         link.set_shared(store.summaries());
-        log::info!(
-            "sharing {} files from {}",
-            store.files().count(),
-            config.dir.display()
-        );
         log::info!("peer serving on {local}");
         let limiter = config
             .upload_limit
@@ -230,7 +237,7 @@ impl Node {
             limiter,
             limiter_wake: None,
             downloads: Slab::new(),
-            first_failure: None,
+            failures: Vec::new(),
             mode,
             stdin,
             awaiting_name: false,

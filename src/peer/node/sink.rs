@@ -22,11 +22,25 @@ pub trait Sink {
 /// logged as errors by the node, so stderr carries them.
 pub struct StdoutSink;
 
+/// `get --json`: one JSON document on stdout per finished download, and
+/// nothing else (command output is dropped; errors go to stderr).
+pub struct JsonSink;
+
+impl Sink for JsonSink {
+    fn report(&mut self, report: Report<'_>) {
+        if let Report::DownloadEnded(DownloadOutcome::Done(summary)) = report {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(summary.json().as_bytes());
+            let _ = out.flush();
+        }
+    }
+}
+
 impl Sink for StdoutSink {
     fn report(&mut self, report: Report<'_>) {
         let text = match report {
             Report::Text(text) => text.to_string(),
-            Report::DownloadEnded(DownloadOutcome::Done(summary)) => format!("{summary}\n"),
+            Report::DownloadEnded(DownloadOutcome::Done(summary)) => summary.human(),
             Report::DownloadEnded(DownloadOutcome::AlreadyHave { name }) => {
                 format!("{name} is already in the folder with the same content; nothing to do\n")
             }
