@@ -28,7 +28,7 @@ pub fn network_files(files: &[NetworkFile]) -> String {
         let _ = writeln!(
             out,
             "  {:<32} {:>14} bytes  {:>3} holders  {}",
-            f.name.as_str(),
+            f.name,
             f.size,
             f.holders,
             f.root.short()
@@ -43,7 +43,7 @@ pub fn shared_files(store: &SharedFolder) -> String {
         let _ = writeln!(
             out,
             "  {:<32} {:>14} bytes  {}",
-            f.name.as_str(),
+            f.name,
             f.manifest.size,
             f.manifest.root.short()
         );
