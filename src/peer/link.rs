@@ -258,7 +258,7 @@ impl ManagerLink {
                     peer_timeout_ms,
                     ..
                 },
-            ) => {
+            ) if self.mode != LinkMode::QueryOnly => {
                 self.peer_id = Some(peer_id);
                 self.backoff = self.config.retry_min;
                 if peer_timeout_ms > 0 {
