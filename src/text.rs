@@ -157,6 +157,42 @@ pub fn sanitize_within(s: &str, max: usize) -> String {
     out
 }
 
+/// `value`'s `Debug` form, cut to at most `max` bytes (then ending in
+/// "..."). Formatting stops at the cut, so describing an 8 MiB message in
+/// an error reason or a log line costs `max` bytes, not a 40 MB string.
+pub fn debug_within(value: &impl fmt::Debug, max: usize) -> String {
+    struct Bounded {
+        out: String,
+        max: usize,
+        cut: bool,
+    }
+    impl Write for Bounded {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            if self.out.len() + s.len() <= self.max {
+                self.out.push_str(s);
+                return Ok(());
+            }
+            let mut end = self.max - self.out.len();
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.out.push_str(&s[..end]);
+            self.cut = true;
+            Err(fmt::Error) // stops the formatting
+        }
+    }
+    let mut b = Bounded {
+        out: String::new(),
+        max,
+        cut: false,
+    };
+    let _ = write!(b, "{value:?}");
+    if b.cut {
+        b.out.push_str("...");
+    }
+    b.out
+}
+
 /// Wraps a logger so that every record's text is [`sanitize`]d before the
 /// inner logger formats it: whatever a log line interpolates, the line
 /// cannot carry a raw control or bidi character (only the newline the inner
@@ -313,6 +349,14 @@ mod tests {
         let cut = sanitize_within(&long, 1024);
         assert_eq!(cut.len(), 1024);
         assert_eq!(sanitize_within(&cut, 1024), cut);
+    }
+
+    #[test]
+    fn debug_within_stops_at_the_limit() {
+        assert_eq!(debug_within(&"ab", 10), "\"ab\"");
+        assert_eq!(debug_within(&vec![1u8; 10_000], 8), "[1, 1, 1...");
+        assert_eq!(debug_within(&"éé", 3), "\"é...");
+        assert!(debug_within(&vec!["x".repeat(1000); 1000], 200).len() <= 203);
     }
 
     struct Capture(std::sync::Mutex<Vec<String>>);

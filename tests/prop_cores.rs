@@ -704,3 +704,38 @@ fn a_query_only_link_refuses_an_unsolicited_welcome() {
     }
     assert!(closed, "an unexpected welcome closes the connection");
 }
+
+/// A huge frame that is wrong for the state is described in a few hundred
+/// bytes, not formatted whole into the refusal (and the warning logged with
+/// it): 8 MiB of names would otherwise become a 40 MB log line.
+#[test]
+fn a_huge_unexpected_message_gets_a_short_refusal() {
+    let now = Instant::now();
+    let mut reg = Registry::new(RegistryConfig::default());
+    let conn = ConnId(1);
+    reg.handle_connected(conn, now);
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::ManagerClient,
+    };
+    let remote: SocketAddr = "10.0.0.1:1".parse().unwrap();
+    reg.handle_message(conn, remote, hello, now);
+    let name = FileName::new(&"n".repeat(200)).unwrap();
+    let file = FileSummary {
+        name,
+        size: 1,
+        root: Hash([0; 32]),
+    };
+    // ShareFiles before Register: wrong for the state.
+    let files = vec![file; 40_000];
+    reg.handle_message(conn, remote, Message::ShareFiles { files }, now);
+    let mut reason = None;
+    while let Some(a) = reg.poll_action() {
+        if let Action::Send(_, Message::Error { reason: r, .. }) = a {
+            reason = Some(r);
+        }
+    }
+    let reason = reason.expect("refused");
+    assert!(reason.len() < 400, "{} bytes", reason.len());
+    assert!(reason.starts_with("unexpected ShareFiles"), "{reason}");
+}

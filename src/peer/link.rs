@@ -306,7 +306,8 @@ impl ManagerLink {
                 self.fail(format!("manager refused: {reason} ({code:?})"), now);
             }
             (state, msg) => {
-                log::warn!("manager sent {msg:?} while {state}; reconnecting");
+                let msg = crate::text::debug_within(&msg, 200);
+                log::warn!("manager sent {msg} while {state}; reconnecting");
                 self.actions.push_back(LinkAction::Close);
                 self.handle_disconnected(now);
             }
