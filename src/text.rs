@@ -117,6 +117,49 @@ impl fmt::Debug for Escaped<'_> {
     }
 }
 
+/// The inverse of [`escape`]: turns `\n`, `\x1b`, `\u{202e}`, `\\` (and
+/// `\r`, `\t`, `\0`) back into characters, so a user can type a name the
+/// way it was listed. `None` for a malformed escape. File names can never
+/// hold a backslash, so for names this is unambiguous.
+pub fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let c = match chars.next()? {
+            '\\' => '\\',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            '0' => '\0',
+            'x' => {
+                let hex: String = chars.by_ref().take(2).collect();
+                let v = u8::from_str_radix(&hex, 16).ok().filter(|v| *v < 0x80)?;
+                if hex.len() != 2 {
+                    return None;
+                }
+                char::from(v)
+            }
+            'u' => {
+                if chars.next()? != '{' {
+                    return None;
+                }
+                let hex: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                if hex.is_empty() || hex.len() > 6 {
+                    return None;
+                }
+                char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?
+            }
+            _ => return None,
+        };
+        out.push(c);
+    }
+    Some(out)
+}
+
 /// True if [`sanitize`] would change `s`.
 pub fn needs_sanitizing(s: &str) -> bool {
     s.chars().any(is_unsafe)
@@ -357,6 +400,40 @@ mod tests {
         assert_eq!(debug_within(&vec![1u8; 10_000], 8), "[1, 1, 1...");
         assert_eq!(debug_within(&"éé", 3), "\"é...");
         assert!(debug_within(&vec!["x".repeat(1000); 1000], 200).len() <= 203);
+    }
+
+    #[test]
+    fn unescape_reverses_escape() {
+        assert_eq!(
+            unescape("esc\\x1b[31mred.txt").unwrap(),
+            "esc\u{1b}[31mred.txt"
+        );
+        assert_eq!(unescape("a\\u{202e}b\\n\\\\").unwrap(), "a\u{202e}b\n\\");
+        assert_eq!(unescape("café.txt").unwrap(), "café.txt");
+        for bad in [
+            "\\",
+            "\\q",
+            "\\x1",
+            "\\xzz",
+            "\\x80",
+            "\\u202e",
+            "\\u{}",
+            "\\u{d800}",
+            "\\u{1234567}",
+        ] {
+            assert_eq!(unescape(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escape_round_trips_and_is_safe(s in "\\PC*|[\\x00-\\x7f\\u{80}-\\u{9f}\\u{2000}-\\u{206f}\\\\]*") {
+            let e = escape(&s).to_string();
+            proptest::prop_assert!(!needs_sanitizing(&e));
+            proptest::prop_assert_eq!(unescape(&e), Some(s.clone()));
+            let once = sanitize(&s).into_owned();
+            proptest::prop_assert_eq!(sanitize(&once), once.as_str());
+        }
     }
 
     struct Capture(std::sync::Mutex<Vec<String>>);

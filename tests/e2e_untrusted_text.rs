@@ -269,13 +269,14 @@ fn hostile_names_and_reasons_are_shown_escaped_everywhere() {
     });
     peer.send_line("ls");
     peer.send_line("files");
-    let get = format!("get {}", NAMES[0].0);
+    // Typed as `files` listed it: the escapes name the raw name.
+    let get = format!("get {}", NAMES[0].1);
     peer.send_line(&get);
     wait_for(WAIT, "the peer's file list and the refusal", || {
         let out = peer.stdout.text();
         out.contains("files on the network")
             && out.lines().count() > NAMES.len() + 2
-            && read_log(&log).contains("refused")
+            && read_log(&log).contains("refused:")
     });
     let out = peer.stdout.text();
     assert_clean("peer stdout", &out);
