@@ -30,9 +30,15 @@ use shoal::store::Manifest;
 use shoal::wire::{
     FileName, FileSummary, Hash, Message, PROTOCOL_VERSION, PeerId, Role, decode, encode,
 };
-use strategies::{POOL_NAMES, message, name, pool_root, root};
+use strategies::{POOL_NAMES, from_manager, message, name, pool_root, root};
 
-const CASES: u32 = 300;
+/// Cases per property: small for CI; `SHOAL_PROP_CASES=100000` for a long run.
+fn cases() -> u32 {
+    std::env::var("SHOAL_PROP_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
 
 /// The other side must be able to read every frame a core sends.
 fn assert_decodable(msg: &Message<'_>) {
@@ -163,7 +169,7 @@ impl RegRun {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn registry_survives_arbitrary_traffic(ops in prop::collection::vec(reg_op(), 1..80)) {
@@ -275,20 +281,6 @@ fn link_op() -> impl Strategy<Value = LinkOp> {
     ]
 }
 
-/// What a manager sends once the link is up (arbitrary contents).
-fn from_manager() -> impl Strategy<Value = Message<'static>> {
-    message().prop_filter("manager-to-peer", |m| {
-        matches!(
-            m,
-            Message::PeerList { .. }
-                | Message::PeerDelta { .. }
-                | Message::Ping { .. }
-                | Message::Holders { .. }
-                | Message::FileList { .. }
-        )
-    })
-}
-
 #[derive(Debug, PartialEq)]
 enum Socket {
     None,
@@ -314,7 +306,7 @@ fn drain_link(link: &mut ManagerLink, socket: &mut Socket) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn manager_link_survives_arbitrary_traffic(
@@ -455,7 +447,7 @@ fn serve_op() -> impl Strategy<Value = ServeOp> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn serve_session_survives_arbitrary_traffic(
@@ -605,7 +597,7 @@ impl SchedShell {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn scheduler_survives_arbitrary_arrivals((lens, have) in chunks(), ops in prop::collection::vec(sched_op(), 1..120)) {

@@ -17,6 +17,14 @@ use proptest::prelude::*;
 use shoal::wire::{HEADER_LEN, MAX_REASON_LEN, Message, decode, encode};
 use strategies::message;
 
+/// Cases per property: small for CI; `SHOAL_PROP_CASES=100000` for a long run.
+fn cases() -> u32 {
+    std::env::var("SHOAL_PROP_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 /// Decodes `input` as a stream, checking every accepted frame; returns how
 /// many frames decoded before the first error or "need more".
 fn check_stream(input: &[u8]) -> usize {
@@ -82,7 +90,7 @@ fn read_in_two(stream: &[u8], split: usize) -> Vec<Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {

@@ -40,9 +40,18 @@ pub fn name() -> impl Strategy<Value = FileName> {
     prop_oneof![
         3 => prop::sample::select(POOL_NAMES.to_vec()).prop_map(String::from),
         2 => text(40),
-        1 => Just("..".to_string()),
     ]
-    .prop_filter_map("not a valid name", |s| FileName::new(&s).ok())
+    .prop_map(|s| valid_name(&s))
+}
+
+/// Makes `s` a valid name (no filtering, so long runs never run out of
+/// accepted cases): separators and NUL become `_`, `.`/`..`/empty get a prefix.
+fn valid_name(s: &str) -> FileName {
+    let mut s = s.replace(['/', '\\', '\0'], "_");
+    if s.is_empty() || s == "." || s == ".." {
+        s.insert(0, 'x');
+    }
+    FileName::new(&s).unwrap_or_else(|_| FileName::new("x").expect("a plain name"))
 }
 
 pub fn root() -> impl Strategy<Value = Hash> {
@@ -68,7 +77,7 @@ pub fn peer_entry() -> impl Strategy<Value = PeerEntry> {
     (peer_id(), addr()).prop_map(|(id, addr)| PeerEntry { id, addr })
 }
 
-fn peers() -> impl Strategy<Value = Vec<PeerEntry>> {
+pub fn peers() -> impl Strategy<Value = Vec<PeerEntry>> {
     prop::collection::vec(peer_entry(), 0..4)
 }
 
@@ -98,6 +107,30 @@ fn index() -> impl Strategy<Value = u32> {
 
 fn chunk_size() -> impl Strategy<Value = u32> {
     (MIN_CHUNK_SIZE.trailing_zeros()..=MAX_CHUNK_SIZE.trailing_zeros()).prop_map(|b| 1 << b)
+}
+
+/// What a manager sends to a peer once the link is up (arbitrary contents).
+pub fn from_manager() -> impl Strategy<Value = Message<'static>> {
+    prop_oneof![
+        2 => peers().prop_map(|peers| Message::PeerList { peers }),
+        3 => (peers(), prop::collection::vec(peer_id(), 0..4))
+            .prop_map(|(added, removed)| Message::PeerDelta { added, removed }),
+        2 => any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+        1 => (
+            name(),
+            prop::collection::vec(
+                (root(), any::<u64>(), peers()).prop_map(|(root, size, peers)| HolderGroup { root, size, peers }),
+                0..3
+            )
+        )
+            .prop_map(|(name, groups)| Message::Holders { name, groups }),
+        1 => prop::collection::vec(
+            (name(), any::<u64>(), root(), any::<u32>())
+                .prop_map(|(name, size, root, holders)| NetworkFile { name, size, root, holders }),
+            0..4
+        )
+        .prop_map(|files| Message::FileList { files }),
+    ]
 }
 
 /// Any message the decoder can hand a core: every field in its domain, the
