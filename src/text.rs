@@ -18,6 +18,8 @@
 
 use std::borrow::Cow;
 use std::fmt::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// True for characters that must never reach a terminal raw: C0 controls,
 /// DEL, C1 controls, line and paragraph separators, and every format
@@ -115,6 +117,42 @@ impl fmt::Debug for Escaped<'_> {
         // Quotes for Debug; a quote inside is shown as is (it is harmless).
         write!(f, "\"{self}\"")
     }
+}
+
+/// A path shown like [`escape`] shows a name: a path in the shared folder
+/// ends in a name from the network. Bytes that are not UTF-8 show as `\xNN`
+/// (never ambiguous with a character: those are below 0x80 or `\u{..}`).
+pub fn escape_path(path: &Path) -> EscapedPath<'_> {
+    EscapedPath(path)
+}
+
+/// The `Display` of [`escape_path`].
+#[derive(Clone, Copy)]
+pub struct EscapedPath<'a>(&'a Path);
+
+impl fmt::Display for EscapedPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for chunk in self.0.as_os_str().as_bytes().utf8_chunks() {
+            write_escaped(f, chunk.valid(), unsafe_or_backslash)?;
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Text we composed ourselves for stdout or stderr, possibly several lines:
+/// sanitized like [`sanitize`] except that newlines stay. Names in it are
+/// escaped already; this is the last guard for anything that was not.
+pub fn sanitize_lines(s: &str) -> Cow<'_, str> {
+    let unsafe_but_newline = |c: char| c != '\n' && is_unsafe(c);
+    if !s.chars().any(unsafe_but_newline) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    let _ = write_escaped(&mut out, s, |c| c != '\n' && is_unsafe(c));
+    Cow::Owned(out)
 }
 
 /// The inverse of [`escape`]: turns `\n`, `\x1b`, `\u{202e}`, `\\` (and
@@ -400,6 +438,27 @@ mod tests {
         assert_eq!(debug_within(&vec![1u8; 10_000], 8), "[1, 1, 1...");
         assert_eq!(debug_within(&"éé", 3), "\"é...");
         assert!(debug_within(&vec!["x".repeat(1000); 1000], 200).len() <= 203);
+    }
+
+    #[test]
+    fn paths_are_escaped_including_bytes_that_are_not_utf8() {
+        use std::ffi::OsStr;
+        let p = Path::new("/srv/dl/two\nlines\u{1b}[2J\u{202e}.txt");
+        assert_eq!(
+            escape_path(p).to_string(),
+            "/srv/dl/two\\nlines\\x1b[2J\\u{202e}.txt"
+        );
+        let p = Path::new(OsStr::from_bytes(b"/d/caf\xc3\xa9-\xff\x1b"));
+        assert_eq!(escape_path(p).to_string(), "/d/café-\\xff\\x1b");
+    }
+
+    #[test]
+    fn sanitize_lines_keeps_newlines_only() {
+        assert_eq!(sanitize_lines("a\nb\n"), "a\nb\n");
+        assert_eq!(
+            sanitize_lines("a\u{1b}[2J\nb\r\u{202e}\n"),
+            "a\\x1b[2J\nb\\r\\u{202e}\n"
+        );
     }
 
     #[test]

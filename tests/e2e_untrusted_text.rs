@@ -314,3 +314,45 @@ fn hostile_names_and_reasons_are_shown_escaped_everywhere() {
     assert_clean("manager stderr", &mlog);
     assert!(mlog.contains("x/\\x1b[2J\\u{202e}evil"), "{mlog}");
 }
+
+/// A real seeder shares a file whose name holds an ESC sequence, a newline
+/// and U+202E; `peer get`, given the name as `files` lists it, fetches it
+/// under its raw name and prints its summary and logs escaped.
+#[test]
+fn a_hostile_name_is_fetched_by_its_listed_form_and_reported_escaped() {
+    let (_manager, addr) = manager_no_color();
+    let raw = "two\nlines\u{1b}[2J\u{202e}txt.exe";
+    let shown = "two\\nlines\\x1b[2J\\u{202e}txt.exe";
+    let seed_dir = TempDir::new().unwrap();
+    write_pattern(&seed_dir.path().join(raw), 300_000, 5);
+    let _seeder = Peer::start(seed_dir.path(), addr, &[]);
+    wait_for(WAIT, "the seeder's file to be listed", || {
+        peer_oneshot(addr, &["files"]).1.contains(shown)
+    });
+
+    let dl = TempDir::new().unwrap();
+    let mut cmd = Command::new(peer_bin());
+    cmd.arg("--dir")
+        .arg(dl.path())
+        .args(["--manager", &addr.to_string(), "-v", "get", shown])
+        .env("NO_COLOR", "1");
+    let mut getter = Proc::spawn_cmd(cmd);
+    let status = getter.wait_exit(WAIT);
+    let (out, err) = (getter.stdout.text(), getter.stderr.text());
+    assert!(status.success(), "get failed:\n{err}");
+    let got = std::fs::read(dl.path().join(raw)).expect("saved under its raw name");
+    assert_eq!(got, std::fs::read(seed_dir.path().join(raw)).unwrap());
+    assert_clean("get stdout", &out);
+    assert_clean("get stderr", &err);
+    assert!(
+        out.contains(shown),
+        "the summary names the file escaped:\n{out}"
+    );
+    // The saved path ends in the name too: escaped, it cannot start a line.
+    for text in [&out, &err] {
+        assert!(
+            !text.lines().any(|l| l.starts_with("lines")),
+            "a forged line:\n{text}"
+        );
+    }
+}

@@ -111,17 +111,17 @@ fn main() -> ExitCode {
         shoal::logging::level(args.verbose, args.quiet),
         args.log_file.as_deref(),
     ) {
-        eprintln!("peer: {e}");
+        eprintln!("peer: {}", shoal::text::sanitize_lines(&e));
         return ExitCode::from(2);
     }
     if no_args && let Err(e) = ask_like_the_original(&mut args) {
-        eprintln!("peer: {e}");
+        eprintln!("peer: {}", shoal::text::sanitize_lines(&e));
         return ExitCode::from(2);
     }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("peer: {e}");
+            eprintln!("peer: {}", shoal::text::sanitize_lines(&e));
             ExitCode::from(1)
         }
     }
@@ -157,7 +157,7 @@ fn run(args: Args) -> Result<(), String> {
 
 fn query(manager: SocketAddr, q: Query) -> Result<(), String> {
     let text = shoal::peer::query::ask(manager, q).map_err(|e| e.to_string())?;
-    print!("{text}");
+    print!("{}", shoal::text::sanitize_lines(&text));
     Ok(())
 }
 

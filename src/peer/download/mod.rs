@@ -331,7 +331,7 @@ impl Download {
                 fetched as f64 / secs / 1e6,
                 self.peers_used.len(),
                 manifest.root,
-                path.display()
+                crate::text::escape_path(&path)
             )),
             Err(e) => DownloadOutcome::Failed(e.to_string()),
         };

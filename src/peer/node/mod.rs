@@ -488,6 +488,8 @@ impl Node {
 /// Prints command output to stdout; a closed stdout is not worth a panic.
 pub(super) fn say(text: &str) {
     let mut out = io::stdout().lock();
+    // Last guard: names are escaped where they are formatted.
+    let text = crate::text::sanitize_lines(text);
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
 }
