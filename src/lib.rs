@@ -6,6 +6,7 @@
 //! - [`net`]: the mio plumbing shared by both binaries: buffered connections,
 //!   deadlines, stdin and signals as event sources.
 //! - [`manager`]: the membership registry (a pure core) and its event loop.
+//! - [`text`]: escaping untrusted names and reasons before anyone sees them.
 //! - [`peer`]: the peer's pure cores (manager link, serving, download
 //!   scheduler) and the event loop that drives them.
 //!
@@ -18,4 +19,5 @@ pub mod manager;
 pub mod net;
 pub mod peer;
 pub mod store;
+pub mod text;
 pub mod wire;

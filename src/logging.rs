@@ -62,7 +62,12 @@ pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
             TermLogger::new(level, config, TerminalMode::Stderr, choice)
         }
     };
-    CombinedLogger::init(vec![logger]).map_err(|e| format!("logging already set up: {e}"))
+    // Every record is sanitized first: no log line carries a raw control or
+    // bidi character from the network (see crate::text).
+    let logger = crate::text::EscapingLogger(CombinedLogger::new(vec![logger]));
+    log::set_boxed_logger(Box::new(logger)).map_err(|e| format!("logging already set up: {e}"))?;
+    log::set_max_level(level);
+    Ok(())
 }
 
 #[cfg(test)]

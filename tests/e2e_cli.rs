@@ -190,7 +190,7 @@ fn json_lists_parse_and_keep_odd_names_exact() {
     let out = peer(&["--manager", &m, "files"]);
     let human = text(&out.stdout);
     assert!(!human.contains('\u{1b}'), "{human:?}");
-    assert!(human.contains("\\u{1b}[31m.bin"), "{human:?}");
+    assert!(human.contains("\\x1b[31m.bin"), "{human:?}");
     drop(src);
 }
 

@@ -171,7 +171,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => Exit::Success.into(),
         Err(Failure(code, msg)) => {
-            eprintln!("peer: {msg}");
+            eprintln!("peer: {}", shoal::text::sanitize_lines(&msg));
             code.into()
         }
     }
@@ -230,6 +230,12 @@ fn query(manager: SocketAddr, q: Query, json: bool) -> Result<(), Failure> {
         (Answer::Peers(peers), true) => output::peers_json(&peers),
         (Answer::Files(files), false) => output::network_files(&files),
         (Answer::Files(files), true) => output::files_json(&files),
+    };
+    // Last guard: names are escaped where they are formatted.
+    let text = if json {
+        text
+    } else {
+        shoal::text::sanitize_lines(&text).into_owned()
     };
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())

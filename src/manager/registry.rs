@@ -216,7 +216,9 @@ impl Registry {
                 self.send(conn, Message::Holders { name, groups });
             }
             (state, msg) => {
-                let reason = format!("unexpected {msg:?} while {}", state_name(state));
+                // Bounded: the message may be an 8 MiB list.
+                let msg = crate::text::debug_within(&msg, 200);
+                let reason = format!("unexpected {msg} while {}", state_name(state));
                 self.refuse(conn, ErrorCode::Protocol, reason, now);
             }
         }

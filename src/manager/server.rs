@@ -250,7 +250,7 @@ impl Server {
                 for f in files {
                     text += &format!(
                         "  {:<32} {:>12} bytes  {} holders  {}\n",
-                        f.name.as_str(),
+                        f.name,
                         f.size,
                         f.holders,
                         f.root.short()

@@ -116,8 +116,21 @@ fn unquote(s: &str) -> Result<(String, &str), String> {
     Err(format!("no closing {quote} in {s:?}"))
 }
 
+/// A name as typed, or as `files` lists it: a backslash (never part of a
+/// name) starts an escape such as `\x1b` or `\u{202e}`, so a name with
+/// controls in it can still be fetched by copying it from the list.
 pub fn parse_name(name: &str) -> Result<FileName, String> {
-    FileName::new(name).map_err(|e| e.to_string())
+    let raw = if name.contains('\\') {
+        crate::text::unescape(name).ok_or_else(|| {
+            format!(
+                "\"{}\": a backslash starts an escape like \\n, \\x1b or \\u{{202e}}",
+                crate::text::escape(name)
+            )
+        })?
+    } else {
+        name.to_string()
+    };
+    FileName::new(&raw).map_err(|e| e.to_string())
 }
 
 pub fn parse_hash(hash: &str) -> Result<Hash, String> {
@@ -138,6 +151,21 @@ mod tests {
         assert_eq!(
             parse("1 file1.txt").unwrap(),
             Some(Command::Get { name, hash: None })
+        );
+    }
+
+    #[test]
+    fn names_can_be_typed_as_listed() {
+        let raw = FileName::new("esc\u{1b}[31m\u{202e}.txt").unwrap();
+        assert_eq!(parse_name(&raw.to_string()).unwrap(), raw);
+        assert!(parse_name("a\\qb").is_err());
+        assert!(
+            parse_name("a\\\\b").is_err(),
+            "an escaped backslash is still refused"
+        );
+        assert!(
+            parse_name("a\\x2fb").is_err(),
+            "an escaped slash is still refused"
         );
     }
 

@@ -325,7 +325,7 @@ impl ManagerLink {
                     peer_timeout_ms,
                     ..
                 },
-            ) => {
+            ) if self.mode != LinkMode::QueryOnly => {
                 self.peer_id = Some(peer_id);
                 self.backoff = self.config.retry_min;
                 if peer_timeout_ms > 0 {
@@ -373,7 +373,8 @@ impl ManagerLink {
                 self.fail(format!("manager refused: {reason} ({code:?})"), now);
             }
             (state, msg) => {
-                log::warn!("manager sent {msg:?} while {state}; reconnecting");
+                let msg = crate::text::debug_within(&msg, 200);
+                log::warn!("manager sent {msg} while {state}; reconnecting");
                 self.actions.push_back(LinkAction::Close);
                 self.handle_disconnected(now);
             }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::store::SharedFolder;
-use crate::wire::{FileName, NetworkFile, PeerEntry, PeerId};
+use crate::wire::{NetworkFile, PeerEntry, PeerId};
 
 pub fn peer_entries(peers: &[PeerEntry], me: Option<PeerId>) -> String {
     let map: BTreeMap<PeerId, SocketAddr> = peers.iter().map(|p| (p.id, p.addr)).collect();
@@ -34,7 +34,7 @@ pub fn network_files(files: &[NetworkFile]) -> String {
         let _ = writeln!(
             out,
             "  {:<32} {:>14} bytes  {:>3} holders  {}",
-            shown(&f.name),
+            f.name,
             f.size,
             f.holders,
             f.root.short()
@@ -49,7 +49,7 @@ pub fn shared_files(store: &SharedFolder) -> String {
         let _ = writeln!(
             out,
             "  {:<32} {:>14} bytes  {}",
-            shown(&f.name),
+            f.name,
             f.manifest.size,
             f.manifest.root.short()
         );
@@ -116,7 +116,7 @@ impl GetSummary {
         let peers = if self.sources == 1 { "peer" } else { "peers" };
         format!(
             "downloaded {}: {}{resumed} in {} ({}) from {} {peers}; root {}\n",
-            shown(&self.name),
+            self.name,
             human_size(self.size),
             human_duration(Duration::from_secs_f64(secs)),
             human_rate(rate),
@@ -185,21 +185,6 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
-/// A name as shown to people: control characters (escape sequences, line
-/// breaks) written as `\u{1b}`, so a hostile name cannot move the cursor or
-/// fake extra lines; everything else as it is.
-pub fn shown(name: &FileName) -> String {
-    let mut out = String::with_capacity(name.as_str().len());
-    for c in name.as_str().chars() {
-        if c.is_control() {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Appends `s` as a JSON string: quotes, backslashes and every control
 /// character escaped (RFC 8259 section 7); all other Unicode as UTF-8.
 pub fn json_string(out: &mut String, s: &str) {
@@ -228,7 +213,7 @@ pub fn json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Hash;
+    use crate::wire::{FileName, Hash};
 
     fn name(s: &str) -> FileName {
         FileName::new(s).unwrap()
@@ -347,7 +332,7 @@ mod tests {
 
     #[test]
     fn control_characters_in_names_are_shown_escaped() {
-        assert_eq!(shown(&name("a\u{1b}[2Jb\nc")), "a\\u{1b}[2Jb\\u{a}c");
-        assert_eq!(shown(&name("été 🐟.txt")), "été 🐟.txt");
+        assert_eq!(name("a\u{1b}[2Jb\nc").to_string(), "a\\x1b[2Jb\\nc");
+        assert_eq!(name("été 🐟.txt").to_string(), "été 🐟.txt");
     }
 }

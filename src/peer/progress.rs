@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::output::{human_rate, human_size, shown};
+use super::output::{human_rate, human_size};
 use crate::wire::FileName;
 
 /// Seconds between log lines when there is no terminal.
@@ -34,7 +34,7 @@ impl ProgressReport {
             bar
         });
         ProgressReport {
-            name: shown(name),
+            name: name.to_string(),
             total,
             bar,
             started: now,

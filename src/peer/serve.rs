@@ -232,7 +232,7 @@ fn describe(msg: &Message<'_>) -> String {
     match msg {
         Message::Chunk { index, data } => format!("chunk {index} ({} bytes)", data.len()),
         Message::Manifest { root, .. } => format!("manifest {}", root.short()),
-        other => format!("{other:?}"),
+        other => crate::text::debug_within(other, 200),
     }
 }
 

@@ -74,18 +74,19 @@ impl StoreError {
     }
 }
 
+/// Paths are escaped: they end in names from the network or the folder.
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::FolderMissing(path) => write!(
                 f,
                 "shared folder {} does not exist: create it or pass --dir",
-                path.display()
+                crate::text::escape_path(path)
             ),
             StoreError::NotAFolder(path) => write!(
                 f,
                 "{} is not a directory: pass the folder to share with --dir",
-                path.display()
+                crate::text::escape_path(path)
             ),
             StoreError::StateNotADirectory(path) => write!(
                 f,
@@ -101,13 +102,17 @@ impl fmt::Display for StoreError {
                 f,
                 "{} already exists and was left untouched: move it away and download \
                  again to finish (the downloaded data is kept)",
-                path.display()
+                crate::text::escape_path(path)
             ),
             StoreError::Io {
                 action,
                 path,
                 source,
-            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            } => write!(
+                f,
+                "cannot {action} {}: {source}",
+                crate::text::escape_path(path)
+            ),
         }
     }
 }

@@ -1,5 +1,7 @@
 use std::fmt;
 
+use crate::text::escape;
+
 /// Why a byte stream is not a valid shoal frame. Any of these closes the one
 /// connection that sent it; none of them may panic the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +21,8 @@ pub enum DecodeError {
     BadMagic([u8; 4]),
     /// A field held a value outside its domain (unknown role, address family, ...).
     BadValue { kind: u8, what: &'static str },
-    /// A file name that is not one plain path component.
+    /// A file name that is not one plain path component (its first 64
+    /// characters, raw: `Display` escapes them).
     BadFileName(String),
     /// A string field that is not UTF-8.
     BadUtf8 { kind: u8 },
@@ -51,7 +54,8 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::BadFileName(name) => write!(
                 f,
-                "refused file name {name:?}: names must be one plain path component"
+                "refused file name \"{}\": names must be one plain path component",
+                escape(name)
             ),
             DecodeError::BadUtf8 { kind } => {
                 write!(f, "frame kind 0x{kind:02x}: string is not UTF-8")

@@ -13,6 +13,7 @@ use super::{
     DecodeError, HEADER_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_NAME_LEN, MAX_REASON_LEN,
     MIN_CHUNK_SIZE,
 };
+use crate::text;
 
 pub mod kind {
     pub const HELLO: u8 = 0x01;
@@ -56,6 +57,8 @@ pub enum Message<'a> {
         role: Role,
     },
     /// A refusal or failure; the sender closes the connection after it.
+    /// A decoded `reason` is already sanitized (`text::sanitize_within`):
+    /// controls and bidi characters arrive as `\x1b`-style escapes.
     Error {
         code: ErrorCode,
         reason: String,
@@ -248,7 +251,8 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
         }
         kind::ERROR => {
             let code = ErrorCode::from_u16(c.u16()?);
-            let reason = c.str(MAX_REASON_LEN)?.to_string();
+            // Sanitized here, once, so no printer downstream can forget.
+            let reason = text::sanitize_within(c.str(MAX_REASON_LEN)?, MAX_REASON_LEN);
             Message::Error { code, reason }
         }
         kind::GOODBYE => Message::Goodbye,

@@ -960,6 +960,31 @@ fn long_reason_is_cut_on_a_char_boundary() {
 }
 
 #[test]
+fn hostile_reasons_are_sanitized_at_decode() {
+    let raw = "bad\n[ERROR] forged\u{1b}[2J\u{202e}\u{8}\u{85} \\x1b é 文";
+    let body = cat(&[&[0, 6], &(raw.len() as u16).to_be_bytes(), raw.as_bytes()]);
+    let Some((Message::Error { code, reason }, _)) = decode(&frame(0x02, &body)).unwrap() else {
+        panic!("not an error frame");
+    };
+    assert_eq!(code, ErrorCode::Internal);
+    assert_eq!(
+        reason,
+        "bad\\n[ERROR] forged\\x1b[2J\\u{202e}\\x08\\u{85} \\x1b é 文"
+    );
+    // Sanitized text is stable: it re-encodes and decodes to itself.
+    let msg = Message::Error { code, reason };
+    assert_eq!(decode(&encoded(&msg)).unwrap().unwrap().0, msg);
+
+    // Escapes can grow the text; it is still cut to the limit, on a whole escape.
+    let raw = "\u{1b}".repeat(MAX_REASON_LEN);
+    let body = cat(&[&[0, 2], &(raw.len() as u16).to_be_bytes(), raw.as_bytes()]);
+    let Some((Message::Error { reason, .. }, _)) = decode(&frame(0x02, &body)).unwrap() else {
+        panic!("not an error frame");
+    };
+    assert_eq!(reason, "\\x1b".repeat(MAX_REASON_LEN / 4));
+}
+
+#[test]
 fn unknown_error_codes_decode_as_other() {
     for code in [0x0000u16, 0x0007, 0x0042, 0x8000, 0xfffe, 0xffff] {
         let body = cat(&[&code.to_be_bytes(), &[0, 1, b'?']]);

@@ -5,6 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use super::{DecodeError, MAX_NAME_LEN};
+use crate::text::escape;
 
 /// The manager's name for one registration; never reused within a manager run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,7 +54,12 @@ impl fmt::Display for Hash {
 /// A shared file's name: exactly one plain path component, so joining it onto
 /// the shared folder can never escape it. Refuses empty names, `.`, `..`,
 /// anything with `/`, `\` or NUL, and names over 255 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Any other character is allowed, controls and bidi overrides included (a
+/// name that cannot be shown faithfully is still listed): `Display` and
+/// `Debug` show the name escaped (`crate::text::escape`), `as_str` gives the
+/// raw name for lookups, paths and the wire. Never print `as_str()`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FileName(String);
 
 impl FileName {
@@ -70,14 +76,22 @@ impl FileName {
         }
     }
 
+    /// The raw name, for lookups, paths and encoding; not for printing.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
+/// Escaped: a name from the network may hold controls and bidi overrides.
 impl fmt::Display for FileName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(&escape(&self.0), f)
+    }
+}
+
+impl fmt::Debug for FileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FileName({:?})", escape(&self.0))
     }
 }
 
@@ -190,6 +204,22 @@ mod tests {
         }
         for good in ["file1.txt", "..hidden", "a..b", "é.bin", &"x".repeat(255)] {
             assert_eq!(FileName::new(good).unwrap().as_str(), good);
+        }
+    }
+
+    #[test]
+    fn file_names_display_escaped_but_stay_raw_for_lookups() {
+        let raw = "a\u{1b}[2J\nb\u{202e}c\u{8}.txt";
+        let name = FileName::new(raw).unwrap();
+        assert_eq!(name.as_str(), raw);
+        assert_eq!(name.to_string(), "a\\x1b[2J\\nb\\u{202e}c\\x08.txt");
+        assert_eq!(
+            format!("{name:?}"),
+            "FileName(\"a\\x1b[2J\\nb\\u{202e}c\\x08.txt\")"
+        );
+        assert_eq!(format!("{:<6}|", FileName::new("\n").unwrap()), "\\n    |");
+        for good in ["café.txt", "文件.txt"] {
+            assert_eq!(FileName::new(good).unwrap().to_string(), good);
         }
     }
 

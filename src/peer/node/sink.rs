@@ -46,6 +46,8 @@ impl Sink for StdoutSink {
             }
             Report::DownloadEnded(DownloadOutcome::Failed(_)) => return,
         };
+        // Last guard: names are escaped where they are formatted.
+        let text = crate::text::sanitize_lines(&text);
         // A closed stdout is not worth a panic.
         let mut out = io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
