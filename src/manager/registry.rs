@@ -13,12 +13,15 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
+use super::index::FileIndex;
 use crate::net::ConnId;
 use crate::wire::{
-    ErrorCode, FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION,
-    PeerEntry, PeerId, Role,
+    self, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, HolderGroup, MAX_FILE_SIZE,
+    MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROTOCOL_VERSION, PeerEntry, PeerId, Role,
+    kind,
 };
 
 /// Timers of the membership protocol.
@@ -86,24 +89,35 @@ enum ConnState {
 #[derive(Debug)]
 struct Member {
     id: PeerId,
-    addr: SocketAddr,
     last_heard: Instant,
+    /// What it shares: sorted by name, one version per name, no duplicates.
     files: Vec<FileSummary>,
+}
+
+/// A live member as the lists show it.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    conn: ConnId,
+    addr: SocketAddr,
 }
 
 pub struct Registry {
     config: RegistryConfig,
     conns: HashMap<ConnId, ConnState>,
-    /// Members by id; the value is their connection.
-    members: BTreeMap<PeerId, ConnId>,
+    /// Live members by id: the source of every peer list and page.
+    members: BTreeMap<PeerId, Live>,
+    /// Who shares what; every answer about files reads only this.
+    index: FileIndex,
     next_peer_id: u64,
     next_nonce: u64,
-    /// The member set as last broadcast; deltas are computed against it.
-    broadcast_view: BTreeMap<PeerId, SocketAddr>,
-    /// Members that joined and left since the last broadcast. The view never
-    /// held them, but the join lists sent meanwhile did, so the next delta
-    /// must remove them too.
-    unannounced_leaves: Vec<PeerId>,
+    /// Joined since the last broadcast, with the join's number in `joins`.
+    pending_added: BTreeMap<PeerId, (SocketAddr, u64)>,
+    /// Left since the last broadcast and named in some member's list.
+    pending_removed: Vec<PeerId>,
+    /// Joins so far; a join list names every member that joined before it.
+    joins: u64,
+    /// Turns every `WhoHas` to a new starting holder.
+    rotate: u64,
     broadcast_due: Option<Instant>,
     next_ping: Option<Instant>,
     /// Earliest moment any member or handshake can expire (may be early, never late).
@@ -117,10 +131,13 @@ impl Registry {
             config,
             conns: HashMap::new(),
             members: BTreeMap::new(),
+            index: FileIndex::default(),
             next_peer_id: 1,
             next_nonce: 1,
-            broadcast_view: BTreeMap::new(),
-            unannounced_leaves: Vec::new(),
+            pending_added: BTreeMap::new(),
+            pending_removed: Vec::new(),
+            joins: 0,
+            rotate: 0,
             broadcast_due: None,
             next_ping: None,
             next_sweep: None,
@@ -130,6 +147,62 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// The largest body a frame of `kind` may have on `conn` now, or `None`
+    /// if `conn` may not send that kind at all in its state (or is unknown).
+    /// The shell asks before buffering each frame's body, so an unregistered
+    /// connection can never make the manager hold a large `ShareFiles`:
+    /// before its hello only `Hello` (and `Error`), before `Register` no
+    /// `ShareFiles`, and never a peer-to-peer or manager-to-peer kind.
+    pub fn max_frame_body(&self, conn: ConnId, kind: u8) -> Option<usize> {
+        let ok = match self.conns.get(&conn)? {
+            ConnState::AwaitingHello { .. } => matches!(kind, kind::HELLO | kind::ERROR),
+            ConnState::Client => matches!(
+                kind,
+                kind::ERROR
+                    | kind::GOODBYE
+                    | kind::PING
+                    | kind::REGISTER
+                    | kind::WHO_HAS
+                    | kind::LIST_FILES
+                    | kind::LIST_PEERS
+            ),
+            ConnState::Member(_) => matches!(
+                kind,
+                kind::ERROR
+                    | kind::GOODBYE
+                    | kind::PING
+                    | kind::PONG
+                    | kind::SHARE_FILES
+                    | kind::WHO_HAS
+                    | kind::LIST_FILES
+                    | kind::LIST_PEERS
+            ),
+        };
+        if ok { wire::max_body_len(kind) } else { None }
+    }
+
+    /// The shell read the header of a frame that [`Registry::max_frame_body`]
+    /// refuses: the connection is told why and closed.
+    pub fn handle_refused_frame(&mut self, conn: ConnId, kind: u8, body_len: usize, now: Instant) {
+        let Some(state) = self.conns.get(&conn) else {
+            self.actions.push_back(Action::Close(conn));
+            return;
+        };
+        let state = state_name(state);
+        let name = wire::kind_name(kind);
+        let (code, reason) = match self.max_frame_body(conn, kind) {
+            None => (
+                ErrorCode::Protocol,
+                format!("a {name} frame (0x{kind:02x}) is not accepted while {state}"),
+            ),
+            Some(max) => (
+                ErrorCode::Limit,
+                format!("a {name} frame of {body_len} bytes is over its limit of {max}"),
+            ),
+        };
+        self.refuse(conn, code, reason, now);
     }
 
     /// A new connection: greet it and give it until the hello timeout.
@@ -187,36 +260,48 @@ impl Registry {
                 let addr = advertise.unwrap_or(SocketAddr::new(remote.ip(), listen_port));
                 self.join(conn, addr, now);
             }
-            (ConnState::Member(m), Message::ShareFiles { files }) => {
-                log::debug!("peer {} shares {} files", m.id, files.len());
-                m.files = files;
-            }
+            (ConnState::Member(_), Message::ShareFiles { files }) => self.share(conn, files, now),
             (ConnState::Member(_), Message::Pong { .. }) => {}
-            (ConnState::Member(_), Message::Goodbye) => {
+            (ConnState::Client | ConnState::Member(_), Message::Goodbye) => {
                 self.drop_conn(conn, LeaveReason::Goodbye, now);
                 self.actions.push_back(Action::Close(conn));
             }
-            (ConnState::Client, Message::Goodbye) => {
-                self.drop_conn(conn, LeaveReason::Goodbye, now);
+            (_, Message::Error { code, reason }) => {
+                log::info!("connection {} gave up: {reason} ({code:?})", conn.0);
+                self.drop_conn(conn, LeaveReason::Disconnected, now);
                 self.actions.push_back(Action::Close(conn));
             }
             (ConnState::Client | ConnState::Member(_), Message::Ping { nonce }) => {
                 self.send(conn, Message::Pong { nonce });
             }
-            (ConnState::Client | ConnState::Member(_), Message::ListPeers) => {
-                let peers = self.peer_list();
-                self.send(conn, Message::PeerList { peers });
+            (ConnState::Client | ConnState::Member(_), Message::ListPeers { after }) => {
+                let (peers, more) = self.peer_page(after, PEER_PAGE);
+                self.send(conn, Message::PeerList { peers, more });
             }
-            (ConnState::Client | ConnState::Member(_), Message::ListFiles) => {
-                let files = self.network_files();
-                self.send(conn, Message::FileList { files });
+            (ConnState::Client | ConnState::Member(_), Message::ListFiles { after }) => {
+                let (files, more) = self.index.page(after.as_ref(), FILE_PAGE);
+                self.send(conn, Message::FileList { files, more });
             }
             (ConnState::Client | ConnState::Member(_), Message::WhoHas { name }) => {
-                let groups = self.holders(&name);
-                self.send(conn, Message::Holders { name, groups });
+                self.rotate = self.rotate.wrapping_add(1);
+                let start =
+                    (self.rotate.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) % self.next_peer_id;
+                let (groups, truncated) = self.holders_from(&name, start);
+                self.send(
+                    conn,
+                    Message::Holders {
+                        name,
+                        truncated,
+                        groups,
+                    },
+                );
             }
             (state, msg) => {
-                let reason = format!("unexpected {msg:?} while {}", state_name(state));
+                let reason = format!(
+                    "unexpected {} while {}",
+                    wire::kind_name(msg.kind()),
+                    state_name(state)
+                );
                 self.refuse(conn, ErrorCode::Protocol, reason, now);
             }
         }
@@ -248,69 +333,80 @@ impl Registry {
             .min()
     }
 
-    /// The live peers, ordered by id.
+    /// Every live peer, ordered by id (the operator's `peers` command).
     pub fn peer_list(&self) -> Vec<PeerEntry> {
         self.members
-            .values()
-            .filter_map(|c| match self.conns.get(c) {
-                Some(ConnState::Member(m)) => Some(PeerEntry {
-                    id: m.id,
-                    addr: m.addr,
-                }),
-                _ => None,
-            })
+            .iter()
+            .map(|(&id, l)| PeerEntry { id, addr: l.addr })
             .collect()
     }
 
-    /// Every (name, version) shared on the network with its holder count.
+    /// Live peers with ids above `after`, at most `limit`, and whether more
+    /// follow. O(page · log n).
+    pub fn peer_page(&self, after: PeerId, limit: usize) -> (Vec<PeerEntry>, bool) {
+        let mut peers: Vec<PeerEntry> = self
+            .members
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(&id, l)| PeerEntry { id, addr: l.addr })
+            .take(limit.saturating_add(1))
+            .collect();
+        let more = peers.len() > limit;
+        peers.truncate(limit);
+        (peers, more)
+    }
+
+    /// Every (name, version) shared on the network with its holder count
+    /// (the operator's `files` command; peers get it page by page).
     pub fn network_files(&self) -> Vec<NetworkFile> {
-        let mut by_version: BTreeMap<(&FileName, crate::wire::Hash), (u64, u32)> = BTreeMap::new();
-        for m in self.live_members() {
-            for f in &m.files {
-                by_version.entry((&f.name, f.root)).or_insert((f.size, 0)).1 += 1;
+        let mut all = Vec::with_capacity(self.index.len());
+        let mut after: Option<FileCursor> = None;
+        loop {
+            let (page, more) = self.index.page(after.as_ref(), FILE_PAGE);
+            after = page.last().map(NetworkFile::cursor);
+            all.extend(page);
+            if !more || after.is_none() {
+                return all;
             }
         }
-        by_version
-            .into_iter()
-            .map(|((name, root), (size, holders))| NetworkFile {
-                name: name.clone(),
-                size,
-                root,
-                holders,
-            })
-            .collect()
     }
 
-    /// The holders of `name`, one group per version, most-held version first.
-    pub fn holders(&self, name: &FileName) -> Vec<HolderGroup> {
-        let mut groups: Vec<HolderGroup> = Vec::new();
-        for m in self.live_members() {
-            for f in m.files.iter().filter(|f| &f.name == name) {
-                let entry = PeerEntry {
-                    id: m.id,
-                    addr: m.addr,
-                };
-                match groups.iter_mut().find(|g| g.root == f.root) {
-                    Some(g) => g.peers.push(entry),
-                    None => groups.push(HolderGroup {
-                        root: f.root,
-                        size: f.size,
-                        peers: vec![entry],
-                    }),
-                }
+    /// The answer to `WhoHas name` (without rotation): versions most-held
+    /// first, and whether some versions or holders were left out.
+    pub fn holders(&self, name: &FileName) -> (Vec<HolderGroup>, bool) {
+        self.holders_from(name, 0)
+    }
+
+    fn holders_from(&self, name: &FileName, start: u64) -> (Vec<HolderGroup>, bool) {
+        self.index
+            .holders(name, start, |id| self.members.get(&id).map(|l| l.addr))
+    }
+
+    /// Checks the invariants docs/state/membership.md states (for tests):
+    /// `members` and the `Member` connections agree, and the index holds
+    /// exactly the members' shared files.
+    pub fn check_invariants(&self) {
+        let mut shared = 0;
+        for (id, live) in &self.members {
+            match self.conns.get(&live.conn) {
+                Some(ConnState::Member(m)) if m.id == *id => shared += m.files.len(),
+                other => panic!("member {id} points at {other:?}"),
             }
         }
-        groups.sort_by(|a, b| b.peers.len().cmp(&a.peers.len()).then(a.root.cmp(&b.root)));
-        groups
-    }
-
-    fn live_members(&self) -> impl Iterator<Item = &Member> {
-        self.members
+        let member_conns = self
+            .conns
             .values()
-            .filter_map(|c| match self.conns.get(c) {
-                Some(ConnState::Member(m)) => Some(m),
-                _ => None,
-            })
+            .filter(|s| matches!(s, ConnState::Member(_)))
+            .count();
+        assert_eq!(member_conns, self.members.len());
+        self.index.check_invariants();
+        let (mut pairs, mut more, mut after) = (0, true, None);
+        while more {
+            let (page, m) = self.index.page(after.as_ref(), FILE_PAGE);
+            pairs += page.iter().map(|f| f.holders as usize).sum::<usize>();
+            after = page.last().map(NetworkFile::cursor);
+            more = m;
+        }
+        assert_eq!(pairs, shared, "index votes vs members' files");
     }
 
     fn join(&mut self, conn: ConnId, addr: SocketAddr, now: Instant) {
@@ -321,12 +417,13 @@ impl Registry {
             conn,
             ConnState::Member(Member {
                 id,
-                addr,
                 last_heard: now,
                 files: Vec::new(),
             }),
         );
-        self.members.insert(id, conn);
+        self.members.insert(id, Live { conn, addr });
+        self.joins += 1;
+        self.pending_added.insert(id, (addr, self.joins));
         self.send(
             conn,
             Message::Welcome {
@@ -335,8 +432,17 @@ impl Registry {
                 peer_timeout_ms: self.config.peer_timeout.as_millis() as u32,
             },
         );
-        let peers = self.peer_list();
-        self.send(conn, Message::PeerList { peers });
+        // The join list, in pages sent back to back: no delta can come
+        // between them, so the link may assemble them before applying any.
+        let mut after = PeerId(0);
+        loop {
+            let (peers, more) = self.peer_page(after, PEER_PAGE);
+            after = peers.last().map_or(after, |p| p.id);
+            self.send(conn, Message::PeerList { peers, more });
+            if !more {
+                break;
+            }
+        }
         self.arm_sweep(now + self.config.peer_timeout);
         if self.next_ping.is_none() {
             self.next_ping = Some(now + self.config.heartbeat);
@@ -344,12 +450,37 @@ impl Registry {
         self.membership_changed(now);
     }
 
+    /// Replaces a member's shared set, after checking it against the limits:
+    /// O(its size), whatever the rest of the network holds. Exact duplicate
+    /// entries count once; anything else suspicious refuses the whole frame.
+    fn share(&mut self, conn: ConnId, mut files: Vec<FileSummary>, now: Instant) {
+        if let Err(reason) = check_share(&mut files) {
+            return self.refuse(conn, ErrorCode::Limit, reason, now);
+        }
+        let Some(ConnState::Member(m)) = self.conns.get_mut(&conn) else {
+            return; // the caller matched a member
+        };
+        log::debug!("peer {} shares {} files", m.id, files.len());
+        for f in &m.files {
+            self.index.remove(m.id, &f.name, f.root, f.size);
+        }
+        for f in &files {
+            self.index.add(m.id, &f.name, f.root, f.size);
+        }
+        m.files = files;
+    }
+
     fn drop_conn(&mut self, conn: ConnId, reason: LeaveReason, now: Instant) {
         if let Some(ConnState::Member(m)) = self.conns.remove(&conn) {
             log::info!("peer {} left ({reason})", m.id);
             self.members.remove(&m.id);
-            if !self.broadcast_view.contains_key(&m.id) {
-                self.unannounced_leaves.push(m.id);
+            for f in &m.files {
+                self.index.remove(m.id, &f.name, f.root, f.size);
+            }
+            match self.pending_added.remove(&m.id) {
+                // Never broadcast; only the lists of later joiners named it.
+                Some((_, seq)) if seq == self.joins => {}
+                _ => self.pending_removed.push(m.id),
             }
             self.membership_changed(now);
         }
@@ -372,26 +503,16 @@ impl Registry {
         }
     }
 
+    /// One delta per member for everything since the last broadcast, cut in
+    /// frames of at most [`PEER_PAGE`] ids per list. O(changes · members),
+    /// never a walk over the member set to find the changes.
     fn broadcast(&mut self) {
         self.broadcast_due = None;
-        let now_view: BTreeMap<PeerId, SocketAddr> = self
-            .peer_list()
+        let added: Vec<PeerEntry> = std::mem::take(&mut self.pending_added)
             .into_iter()
-            .map(|p| (p.id, p.addr))
+            .map(|(id, (addr, _))| PeerEntry { id, addr })
             .collect();
-        let added: Vec<PeerEntry> = now_view
-            .iter()
-            .filter(|(id, _)| !self.broadcast_view.contains_key(id))
-            .map(|(&id, &addr)| PeerEntry { id, addr })
-            .collect();
-        let mut removed: Vec<PeerId> = self
-            .broadcast_view
-            .keys()
-            .filter(|id| !now_view.contains_key(id))
-            .copied()
-            .collect();
-        removed.append(&mut self.unannounced_leaves);
-        self.broadcast_view = now_view;
+        let removed = std::mem::take(&mut self.pending_removed);
         if added.is_empty() && removed.is_empty() {
             return;
         }
@@ -401,22 +522,25 @@ impl Registry {
             removed.len(),
             self.members.len()
         );
-        let conns: Vec<ConnId> = self.members.values().copied().collect();
+        let frames = added.len().max(removed.len()).div_ceil(PEER_PAGE);
+        let deltas: Vec<Message<'static>> = (0..frames)
+            .map(|i| Message::PeerDelta {
+                added: page_of(&added, i).to_vec(),
+                removed: page_of(&removed, i).to_vec(),
+            })
+            .collect();
+        let conns: Vec<ConnId> = self.members.values().map(|l| l.conn).collect();
         for conn in conns {
-            self.send(
-                conn,
-                Message::PeerDelta {
-                    added: added.clone(),
-                    removed: removed.clone(),
-                },
-            );
+            for d in &deltas {
+                self.send(conn, d.clone());
+            }
         }
     }
 
     fn ping_members(&mut self, now: Instant) {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
-        let conns: Vec<ConnId> = self.members.values().copied().collect();
+        let conns: Vec<ConnId> = self.members.values().map(|l| l.conn).collect();
         for conn in conns {
             self.send(conn, Message::Ping { nonce });
         }
@@ -467,6 +591,42 @@ impl Registry {
     }
 }
 
+/// Sorts and dedups a share set and checks it against the per-registration
+/// limits; the error is the reason sent to the peer. O(n log n) in the
+/// frame's own size.
+fn check_share(files: &mut Vec<FileSummary>) -> Result<(), String> {
+    if files.len() > MAX_SHARED_FILES {
+        return Err(format!(
+            "shares {} files; one registration may share at most {MAX_SHARED_FILES}",
+            files.len()
+        ));
+    }
+    if let Some(f) = files.iter().find(|f| f.size > MAX_FILE_SIZE) {
+        return Err(format!(
+            "claims {:?} is {} bytes, over the {MAX_FILE_SIZE} a manifest can describe",
+            f.name.as_str(),
+            f.size
+        ));
+    }
+    files.sort_unstable_by(|a, b| (&a.name, a.root, a.size).cmp(&(&b.name, b.root, b.size)));
+    files.dedup();
+    if let Some(w) = files.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(format!(
+            "lists {:?} in two versions ({} and {}); share one version per name",
+            w[0].name.as_str(),
+            w[0].root.short(),
+            w[1].root.short()
+        ));
+    }
+    Ok(())
+}
+
+/// The `i`th page of [`PEER_PAGE`] items (empty past the end).
+fn page_of<T>(items: &[T], i: usize) -> &[T] {
+    let start = (i * PEER_PAGE).min(items.len());
+    &items[start..(start + PEER_PAGE).min(items.len())]
+}
+
 fn state_name(state: &ConnState) -> &'static str {
     match state {
         ConnState::AwaitingHello { .. } => "awaiting hello",
@@ -479,17 +639,8 @@ fn state_name(state: &ConnState) -> &'static str {
 mod tests {
     use super::*;
 
-    /// Every id in `members` points at a connection in state `Member` with
-    /// that id, and every `Member` connection is in `members`.
     fn check_invariants(r: &Registry) {
-        for (id, conn) in &r.members {
-            assert!(matches!(r.conns.get(conn), Some(ConnState::Member(m)) if m.id == *id));
-        }
-        let member_conns = r
-            .conns
-            .values()
-            .filter(|s| matches!(s, ConnState::Member(_)));
-        assert_eq!(member_conns.count(), r.members.len());
+        r.check_invariants();
     }
 
     fn join(r: &mut Registry, conn: usize, now: Instant) {
@@ -528,5 +679,157 @@ mod tests {
         let (added, removed) = delta.expect("a delta to the member still there");
         assert_eq!(added.iter().map(|p| p.id).collect::<Vec<_>>(), [PeerId(2)]);
         assert_eq!(removed, [PeerId(1)], "conn 2's join list named peer 1");
+    }
+
+    fn share(r: &mut Registry, conn: usize, files: Vec<FileSummary>, now: Instant) {
+        let remote: SocketAddr = ([10, 0, 0, conn as u8], 4000).into();
+        r.handle_message(ConnId(conn), remote, Message::ShareFiles { files }, now);
+        check_invariants(r);
+    }
+
+    fn entry(name: &str, root: u8, size: u64) -> FileSummary {
+        FileSummary {
+            name: FileName::new(name).unwrap(), // a plain name
+            size,
+            root: crate::wire::Hash([root; 32]),
+        }
+    }
+
+    fn drain(r: &mut Registry) -> Vec<Action> {
+        std::iter::from_fn(|| r.poll_action()).collect()
+    }
+
+    #[test]
+    fn the_frame_table_follows_the_connection_state() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let c = ConnId(1);
+        assert_eq!(r.max_frame_body(c, kind::HELLO), None, "unknown connection");
+        r.handle_connected(c, t0);
+        assert!(r.max_frame_body(c, kind::HELLO).is_some());
+        for k in [
+            kind::REGISTER,
+            kind::SHARE_FILES,
+            kind::LIST_FILES,
+            kind::CHUNK,
+        ] {
+            assert_eq!(r.max_frame_body(c, k), None, "kind {k:#x} before hello");
+        }
+        let remote: SocketAddr = ([10, 0, 0, 1], 4000).into();
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::ManagerClient,
+        };
+        r.handle_message(c, remote, hello, t0);
+        assert!(r.max_frame_body(c, kind::REGISTER).is_some());
+        assert!(r.max_frame_body(c, kind::WHO_HAS).is_some());
+        assert_eq!(
+            r.max_frame_body(c, kind::SHARE_FILES),
+            None,
+            "before register"
+        );
+        assert_eq!(r.max_frame_body(c, kind::HELLO), None, "a second hello");
+        let register = Message::Register {
+            listen_port: 7000,
+            advertise: None,
+        };
+        r.handle_message(c, remote, register, t0);
+        assert_eq!(
+            r.max_frame_body(c, kind::SHARE_FILES),
+            Some(crate::wire::MAX_SHARE_FILES_BODY)
+        );
+        for k in [
+            kind::MANIFEST,
+            kind::CHUNK,
+            kind::GET_CHUNK,
+            kind::GET_MANIFEST,
+            kind::CANCEL,
+            kind::PEER_LIST,
+            kind::PEER_DELTA,
+            kind::HOLDERS,
+            kind::FILE_LIST,
+            kind::WELCOME,
+            kind::REGISTER,
+            0xee,
+        ] {
+            assert_eq!(r.max_frame_body(c, k), None, "kind {k:#x} from a member");
+        }
+        drain(&mut r);
+        r.handle_refused_frame(c, kind::CHUNK, 10, t0);
+        let actions = drain(&mut r);
+        assert!(
+            matches!(&actions[..], [Action::Send(_, Message::Error { code: ErrorCode::Protocol, reason }), Action::Close(_)] if reason.contains("chunk")),
+            "{actions:?}"
+        );
+        assert!(r.peer_list().is_empty(), "the offender left");
+        check_invariants(&r);
+    }
+
+    #[test]
+    fn one_registration_is_one_vote() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        join(&mut r, 1, t0);
+        join(&mut r, 2, t0);
+        share(&mut r, 1, vec![entry("f", 1, 10); 5], t0);
+        share(&mut r, 2, vec![entry("f", 2, 10), entry("f", 2, 10)], t0);
+        let files = r.network_files();
+        let votes: Vec<u32> = files.iter().map(|f| f.holders).collect();
+        assert_eq!(votes, [1, 1], "{files:?}");
+        let (groups, truncated) = r.holders(&FileName::new("f").unwrap());
+        assert!(!truncated);
+        assert_eq!(groups.len(), 2);
+        assert!(groups.iter().all(|g| g.holders == 1 && g.peers.len() == 1));
+        // Re-sharing the same set again changes nothing.
+        share(&mut r, 1, vec![entry("f", 1, 10); 3], t0);
+        assert_eq!(r.network_files(), files);
+    }
+
+    #[test]
+    fn lying_shares_are_refused_with_a_reason() {
+        let t0 = Instant::now();
+        let too_many: Vec<FileSummary> = (0..=MAX_SHARED_FILES)
+            .map(|i| entry(&format!("f{i}"), 1, 1))
+            .collect();
+        let cases: [(Vec<FileSummary>, &str); 3] = [
+            (vec![entry("f", 1, 1), entry("f", 2, 1)], "two versions"),
+            (vec![entry("f", 1, MAX_FILE_SIZE + 1)], "bytes"),
+            (too_many, "at most"),
+        ];
+        for (files, why) in cases {
+            let mut r = Registry::new(RegistryConfig::default());
+            join(&mut r, 1, t0);
+            join(&mut r, 2, t0);
+            share(&mut r, 2, vec![entry("g", 1, 1)], t0);
+            drain(&mut r);
+            share(&mut r, 1, files, t0);
+            let actions = drain(&mut r);
+            assert!(
+                matches!(&actions[..], [Action::Send(ConnId(1), Message::Error { code: ErrorCode::Limit, reason }), Action::Close(ConnId(1))] if reason.contains(why)),
+                "{why}: {actions:?}"
+            );
+            let ids: Vec<PeerId> = r.peer_list().iter().map(|p| p.id).collect();
+            assert_eq!(ids, [PeerId(2)], "only the liar left");
+            assert_eq!(r.network_files().len(), 1, "the honest share stays");
+        }
+    }
+
+    #[test]
+    fn names_are_compared_byte_for_byte() {
+        // "é" precomposed and decomposed, and a case difference: distinct
+        // names, each its own entry, each bounded by the same limits.
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        join(&mut r, 1, t0);
+        let names = ["caf\u{e9}", "cafe\u{301}", "Cafe", "cafe"];
+        share(
+            &mut r,
+            1,
+            names.iter().map(|n| entry(n, 1, 0)).collect(),
+            t0,
+        );
+        assert_eq!(r.network_files().len(), 4);
+        let (groups, _) = r.holders(&FileName::new("cafe").unwrap());
+        assert_eq!(groups.len(), 1);
     }
 }

@@ -19,6 +19,10 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const STDIN: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
+/// Frames decoded from one connection per loop turn; the rest wait for the
+/// next turn, so one flooding client cannot hold the loop.
+const MAX_FRAMES_PER_TURN: usize = 64;
+
 /// Beyond this many queued outgoing bytes a peer is not reading its socket
 /// (hung or stopped): it is dropped rather than grow our memory.
 const MAX_OUTBOX: usize = 16 << 20;
@@ -160,10 +164,27 @@ impl Server {
         };
         let status = conn.fill(net::READ_BUDGET);
         let remote = conn.peer_addr();
-        loop {
+        for frames in 0.. {
             let Some(conn) = self.conns.get_mut(id.0) else {
                 return;
             };
+            if frames == MAX_FRAMES_PER_TURN {
+                self.revisit.push(id);
+                self.apply_actions(now);
+                return;
+            }
+            // The registry's per-state limit, before the body is buffered
+            // in full (the wire limit alone would let anyone send 3 MB).
+            if let Ok(Some((kind, len))) = conn.peek_frame_header()
+                && self
+                    .registry
+                    .max_frame_body(id, kind)
+                    .is_none_or(|max| len > max)
+            {
+                self.registry.handle_refused_frame(id, kind, len, now);
+                self.apply_actions(now);
+                return;
+            }
             match conn.next_frame() {
                 Ok(Some((msg, used))) => {
                     self.registry.handle_message(id, remote, msg, now);

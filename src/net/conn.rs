@@ -178,6 +178,13 @@ impl Conn {
         self.read_end < self.read_buf.len()
     }
 
+    /// The kind and body length of the frame at the front of the read
+    /// buffer, once its 5 header bytes are in (checked against the kind's
+    /// wire limit): lets a caller refuse a frame before its body is read.
+    pub fn peek_frame_header(&self) -> Result<Option<(u8, usize)>, DecodeError> {
+        wire::peek_header(&self.read_buf[self.read_start..self.read_end])
+    }
+
     /// The next complete frame, borrowed from the read buffer. Call
     /// [`Conn::consume`] with the returned length once done with the message.
     pub fn next_frame(&self) -> Result<Option<(Message<'_>, usize)>, DecodeError> {

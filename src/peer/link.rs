@@ -89,6 +89,25 @@ pub enum LinkEvent {
     Refused(String),
 }
 
+/// A question sent and not yet answered in full: list answers come in
+/// pages, gathered here until the last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    WhoHas(FileName),
+    Files(Vec<NetworkFile>),
+    Peers(Vec<PeerEntry>),
+}
+
+impl Pending {
+    fn query(self) -> Query {
+        match self {
+            Pending::WhoHas(name) => Query::WhoHas(name),
+            Pending::Files(_) => Query::ListFiles,
+            Pending::Peers(_) => Query::ListPeers,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Idle { retry_at: Instant },
@@ -117,12 +136,15 @@ pub struct ManagerLink {
     backoff: Duration,
     silence_timeout: Duration,
     peer_id: Option<PeerId>,
-    /// The first PeerList after a Welcome is the join list, not an answer.
+    /// The PeerList pages after a Welcome are the join list, not an answer.
     awaiting_join_list: bool,
+    /// The join list's pages so far.
+    join_pages: Vec<PeerEntry>,
     peers: BTreeMap<PeerId, SocketAddr>,
     shared: Vec<FileSummary>,
-    /// Questions sent and not yet answered, in order (answers come in order).
-    in_flight: VecDeque<Query>,
+    /// Questions sent and not yet answered, in order (answers come in order;
+    /// a paged answer's next request goes to the back).
+    in_flight: VecDeque<Pending>,
     /// Questions asked while not connected.
     queued: VecDeque<Query>,
     actions: VecDeque<LinkAction>,
@@ -139,6 +161,7 @@ impl ManagerLink {
             silence_timeout: config.silence_timeout,
             peer_id: None,
             awaiting_join_list: false,
+            join_pages: Vec::new(),
             peers: BTreeMap::new(),
             shared: Vec::new(),
             in_flight: VecDeque::new(),
@@ -221,7 +244,9 @@ impl ManagerLink {
             retry_at: now + retry_in,
         });
         self.awaiting_join_list = false;
-        for query in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+        self.join_pages.clear();
+        let in_flight = self.in_flight.drain(..).map(Pending::query);
+        for query in in_flight.chain(self.queued.drain(..)) {
             self.actions
                 .push_back(LinkAction::Event(LinkEvent::QueryFailed(query)));
         }
@@ -268,10 +293,14 @@ impl ManagerLink {
                 log::info!("registered with the manager as peer {peer_id}");
                 self.event(LinkEvent::Registered(peer_id));
             }
-            (State::Ready { .. }, Message::PeerList { peers }) if self.awaiting_join_list => {
-                self.awaiting_join_list = false;
-                self.peers = peers.into_iter().map(|p| (p.id, p.addr)).collect();
-                self.event(LinkEvent::PeersChanged);
+            (State::Ready { .. }, Message::PeerList { peers, more }) if self.awaiting_join_list => {
+                self.join_pages.extend(peers);
+                if !more {
+                    self.awaiting_join_list = false;
+                    let pages = std::mem::take(&mut self.join_pages);
+                    self.peers = pages.into_iter().map(|p| (p.id, p.addr)).collect();
+                    self.event(LinkEvent::PeersChanged);
+                }
             }
             (State::Ready { .. }, Message::PeerDelta { added, removed }) => {
                 for id in removed {
@@ -284,20 +313,42 @@ impl ManagerLink {
             }
             (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
             (State::Ready { .. }, Message::Pong { .. }) => {}
-            (State::Ready { .. }, Message::PeerList { peers })
-                if self.in_flight.front() == Some(&Query::ListPeers) =>
+            (State::Ready { .. }, Message::PeerList { peers, more })
+                if matches!(self.in_flight.front(), Some(Pending::Peers(_))) =>
             {
-                self.in_flight.pop_front();
-                self.event(LinkEvent::Peers(peers));
+                let Some(Pending::Peers(mut got)) = self.in_flight.pop_front() else {
+                    return; // just matched
+                };
+                let last = peers.last().map(|p| p.id);
+                got.extend(peers);
+                match (more, last) {
+                    (false, _) => self.event(LinkEvent::Peers(got)),
+                    (true, Some(after)) => {
+                        self.send(Message::ListPeers { after });
+                        self.in_flight.push_back(Pending::Peers(got));
+                    }
+                    (true, None) => self.protocol_error("an empty peer page with more", now),
+                }
             }
-            (State::Ready { .. }, Message::FileList { files })
-                if self.in_flight.front() == Some(&Query::ListFiles) =>
+            (State::Ready { .. }, Message::FileList { files, more })
+                if matches!(self.in_flight.front(), Some(Pending::Files(_))) =>
             {
-                self.in_flight.pop_front();
-                self.event(LinkEvent::Files(files));
+                let Some(Pending::Files(mut got)) = self.in_flight.pop_front() else {
+                    return; // just matched
+                };
+                let after = files.last().map(NetworkFile::cursor);
+                got.extend(files);
+                match (more, after) {
+                    (false, _) => self.event(LinkEvent::Files(got)),
+                    (true, Some(after)) => {
+                        self.send(Message::ListFiles { after: Some(after) });
+                        self.in_flight.push_back(Pending::Files(got));
+                    }
+                    (true, None) => self.protocol_error("an empty file page with more", now),
+                }
             }
-            (State::Ready { .. }, Message::Holders { name, groups })
-                if self.in_flight.front() == Some(&Query::WhoHas(name.clone())) =>
+            (State::Ready { .. }, Message::Holders { name, groups, .. })
+                if self.in_flight.front() == Some(&Pending::WhoHas(name.clone())) =>
             {
                 self.in_flight.pop_front();
                 self.event(LinkEvent::Holders(name, groups));
@@ -306,11 +357,16 @@ impl ManagerLink {
                 self.fail(format!("manager refused: {reason} ({code:?})"), now);
             }
             (state, msg) => {
-                log::warn!("manager sent {msg:?} while {state}; reconnecting");
-                self.actions.push_back(LinkAction::Close);
-                self.handle_disconnected(now);
+                let what = format!("{} while {state}", crate::wire::kind_name(msg.kind()));
+                self.protocol_error(&what, now);
             }
         }
+    }
+
+    fn protocol_error(&mut self, what: &str, now: Instant) {
+        log::warn!("manager sent {what}; reconnecting");
+        self.actions.push_back(LinkAction::Close);
+        self.handle_disconnected(now);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -386,13 +442,22 @@ impl ManagerLink {
     }
 
     fn send_query(&mut self, query: Query) {
-        let msg = match &query {
-            Query::WhoHas(name) => Message::WhoHas { name: name.clone() },
-            Query::ListFiles => Message::ListFiles,
-            Query::ListPeers => Message::ListPeers,
+        let (msg, pending) = match query {
+            Query::WhoHas(name) => (
+                Message::WhoHas { name: name.clone() },
+                Pending::WhoHas(name),
+            ),
+            Query::ListFiles => (
+                Message::ListFiles { after: None },
+                Pending::Files(Vec::new()),
+            ),
+            Query::ListPeers => (
+                Message::ListPeers { after: PeerId(0) },
+                Pending::Peers(Vec::new()),
+            ),
         };
         self.send(msg);
-        self.in_flight.push_back(query);
+        self.in_flight.push_back(pending);
     }
 
     fn send(&mut self, msg: Message<'static>) {

@@ -170,7 +170,9 @@ impl Download {
             g.peers.retain(|p| Some(p.id) != me);
         }
         groups.retain(|g| !g.peers.is_empty());
-        groups.sort_by(|a, b| b.peers.len().cmp(&a.peers.len()).then(a.root.cmp(&b.root)));
+        // By votes (one per registration), not by how many the answer lists:
+        // the manager lists at most MAX_HOLDERS_PER_GROUP per version.
+        groups.sort_by(|a, b| b.holders.cmp(&a.holders).then(a.root.cmp(&b.root)));
         let chosen = match self.request.hash {
             Some(hash) => groups.iter().find(|g| g.root == hash),
             None => self
