@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use super::index::FileIndex;
 use crate::net::ConnId;
 use crate::wire::{
-    self, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, HolderGroup, MAX_FILE_SIZE,
-    MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROTOCOL_VERSION, PeerEntry, PeerId, Role,
-    kind,
+    self, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, Hash, HolderGroup,
+    MAX_FILE_SIZE, MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROTOCOL_VERSION, PeerEntry,
+    PeerId, Role, kind,
 };
 
 /// Timers of the membership protocol.
@@ -461,11 +461,28 @@ impl Registry {
             return; // the caller matched a member
         };
         log::debug!("peer {} shares {} files", m.id, files.len());
-        for f in &m.files {
-            self.index.remove(m.id, &f.name, f.root, f.size);
-        }
-        for f in &files {
-            self.index.add(m.id, &f.name, f.root, f.size);
+        // Both sets are sorted the same way: walk them together so only what
+        // changed touches the index (a re-share after one edit costs one
+        // add and one remove, not the whole set twice).
+        let (old, id) = (std::mem::take(&mut m.files), m.id);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), files.get(j)) {
+                (Some(o), Some(n)) if o == n => (i, j) = (i + 1, j + 1),
+                (Some(o), Some(n)) if share_key(o) < share_key(n) => {
+                    self.index.remove(id, &o.name, o.root, o.size);
+                    i += 1;
+                }
+                (Some(o), None) => {
+                    self.index.remove(id, &o.name, o.root, o.size);
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    self.index.add(id, &n.name, n.root, n.size);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
         }
         m.files = files;
     }
@@ -608,7 +625,7 @@ fn check_share(files: &mut Vec<FileSummary>) -> Result<(), String> {
             f.size
         ));
     }
-    files.sort_unstable_by(|a, b| (&a.name, a.root, a.size).cmp(&(&b.name, b.root, b.size)));
+    files.sort_unstable_by(|a, b| share_key(a).cmp(&share_key(b)));
     files.dedup();
     if let Some(w) = files.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(format!(
@@ -619,6 +636,11 @@ fn check_share(files: &mut Vec<FileSummary>) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The order a member's files are kept in (the index's order too).
+fn share_key(f: &FileSummary) -> (&FileName, Hash, u64) {
+    (&f.name, f.root, f.size)
 }
 
 /// The `i`th page of [`PEER_PAGE`] items (empty past the end).

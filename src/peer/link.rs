@@ -476,3 +476,105 @@ impl ManagerLink {
         self.state = state;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64) -> PeerEntry {
+        PeerEntry {
+            id: PeerId(id),
+            addr: ([10, 0, 0, 1], id as u16).into(),
+        }
+    }
+
+    fn sent(link: &mut ManagerLink) -> Vec<Message<'static>> {
+        std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Send(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ready(mode: LinkMode, now: Instant) -> ManagerLink {
+        let mut link = ManagerLink::new(mode, LinkConfig::default(), now);
+        link.handle_timeout(now);
+        link.handle_connected(now);
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Manager,
+        };
+        link.handle_message(hello, now);
+        link
+    }
+
+    #[test]
+    fn a_paged_peer_answer_is_followed_to_the_end() {
+        let now = Instant::now();
+        let mut link = ready(LinkMode::QueryOnly, now);
+        sent(&mut link);
+        link.ask(Query::ListPeers);
+        link.ask(Query::WhoHas(FileName::new("f").unwrap()));
+        sent(&mut link);
+        let page1 = Message::PeerList {
+            peers: vec![entry(1), entry(2)],
+            more: true,
+        };
+        link.handle_message(page1, now);
+        assert_eq!(sent(&mut link), [Message::ListPeers { after: PeerId(2) }]);
+        // The WhoHas was asked first, so its answer comes before page 2.
+        let holders = Message::Holders {
+            name: FileName::new("f").unwrap(),
+            truncated: false,
+            groups: vec![],
+        };
+        link.handle_message(holders, now);
+        let page2 = Message::PeerList {
+            peers: vec![entry(5)],
+            more: false,
+        };
+        link.handle_message(page2, now);
+        let events: Vec<LinkEvent> = std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(&events[0], LinkEvent::Holders(..)), "{events:?}");
+        assert_eq!(
+            events[1],
+            LinkEvent::Peers(vec![entry(1), entry(2), entry(5)])
+        );
+        assert!(link.is_ready());
+    }
+
+    #[test]
+    fn a_paged_join_list_is_applied_once_whole() {
+        let now = Instant::now();
+        let mode = LinkMode::Member {
+            listen_port: 7000,
+            advertise: None,
+        };
+        let mut link = ready(mode, now);
+        let welcome = Message::Welcome {
+            peer_id: PeerId(3),
+            heartbeat_ms: 1000,
+            peer_timeout_ms: 3000,
+        };
+        link.handle_message(welcome, now);
+        let pages = [vec![entry(1), entry(2)], vec![entry(3)]];
+        for (k, peers) in pages.into_iter().enumerate() {
+            let more = k == 0;
+            link.handle_message(Message::PeerList { peers, more }, now);
+            assert_eq!(link.peers().len(), if more { 0 } else { 3 });
+        }
+        let delta = Message::PeerDelta {
+            added: vec![entry(4)],
+            removed: vec![PeerId(1)],
+        };
+        link.handle_message(delta, now);
+        let ids: Vec<u64> = link.peers().keys().map(|p| p.0).collect();
+        assert_eq!(ids, [2, 3, 4]);
+    }
+}

@@ -59,7 +59,7 @@ pub const MAX_FILE_SIZE: u64 = MAX_CHUNKS as u64 * MAX_CHUNK_SIZE as u64;
 
 /// Most distinct files one registration may share. Bounds the cost of one
 /// `ShareFiles` (the manager re-indexes the whole set) and of a leave.
-pub const MAX_SHARED_FILES: usize = 10_000;
+pub const MAX_SHARED_FILES: usize = 4096;
 
 /// Largest `ShareFiles` body: [`MAX_SHARED_FILES`] entries of the longest
 /// name (2 + 255 + 8 + 32 bytes each) plus the count.
