@@ -13,7 +13,7 @@ use slab::Slab;
 
 use super::registry::{Action, Registry, RegistryConfig};
 use crate::net::{self, Conn, ConnId, IoStatus, StdinLines};
-use crate::wire::{ErrorCode, Message};
+use crate::wire::{DecodeError, ErrorCode, Message};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const STDIN: Token = Token(usize::MAX - 2);
@@ -193,8 +193,12 @@ impl Server {
                 Ok(None) => break,
                 Err(e) => {
                     log::warn!("{remote}: {e}; closing");
+                    let code = match e {
+                        DecodeError::TooLong { .. } => ErrorCode::Limit,
+                        _ => ErrorCode::Protocol,
+                    };
                     conn.send(&Message::Error {
-                        code: ErrorCode::Protocol,
+                        code,
                         reason: e.to_string(),
                     });
                     self.registry.handle_disconnected(id, now);
