@@ -37,10 +37,16 @@ fn join(r: &mut Registry, i: usize, now: Instant) {
 fn drain(r: &mut Registry, out: &mut Vec<u8>) -> usize {
     let mut n = 0;
     while let Some(action) = r.poll_action() {
-        if let Action::Send(_, msg) = action {
-            out.clear();
-            wire::encode(&msg, out);
-            n += out.len();
+        match action {
+            Action::Send(_, msg) => {
+                out.clear();
+                wire::encode(&msg, out);
+                n += out.len();
+            }
+            // Shared frames (join lists, deltas) are encoded by the shell
+            // once per connection; the core only hands out the same list.
+            Action::SendShared(_, msgs) => n += msgs.len(),
+            Action::Close(_) => {}
         }
     }
     n
@@ -162,7 +168,7 @@ fn bench_requests(c: &mut Criterion) {
 fn bench_joins(c: &mut Criterion) {
     let mut group = c.benchmark_group("registry-joins");
     group.sample_size(10);
-    for n in [1_000usize, 10_000] {
+    for n in [10_000usize, 100_000, 1_000_000] {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter(|| {
                 let now = Instant::now();

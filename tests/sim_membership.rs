@@ -563,6 +563,11 @@ impl Sim {
 
     fn apply_registry(&mut self, action: Action) {
         match action {
+            Action::SendShared(conn, msgs) => {
+                for msg in msgs.iter() {
+                    self.apply_registry(Action::Send(conn, msg.clone()));
+                }
+            }
             Action::Send(conn, msg) => {
                 if self.conns[&conn].registry_open {
                     let mut frame = Vec::new();

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Bound;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::index::FileIndex;
@@ -52,6 +53,10 @@ impl Default for RegistryConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Send(ConnId, Message<'static>),
+    /// Send each of these frames, in order. Shared by every connection that
+    /// gets the same frames (a join list, a broadcast delta), so queueing
+    /// them costs the core O(1) per connection however long they are.
+    SendShared(ConnId, Rc<[Message<'static>]>),
     /// Flush what is queued for the connection, then close it.
     Close(ConnId),
 }
@@ -110,12 +115,18 @@ pub struct Registry {
     index: FileIndex,
     next_peer_id: u64,
     next_nonce: u64,
-    /// Joined since the last broadcast, with the join's number in `joins`.
-    pending_added: BTreeMap<PeerId, (SocketAddr, u64)>,
+    /// The highest id the last broadcast announced. Ids grow with every
+    /// join, so the members that joined since are exactly the members above
+    /// it: the pending additions need no storage of their own.
+    announced_upto: PeerId,
     /// Left since the last broadcast and named in some member's list.
     pending_removed: Vec<PeerId>,
-    /// Joins so far; a join list names every member that joined before it.
-    joins: u64,
+    /// The join list pages every joiner gets until the next broadcast: the
+    /// member set when the first joiner after a broadcast came, with the
+    /// highest id it names. The next delta brings each
+    /// joiner from it to the live set, so it is built once per broadcast
+    /// window, not once per join.
+    join_list: Option<(Rc<[Message<'static>]>, PeerId)>,
     /// Turns every `WhoHas` to a new starting holder.
     rotate: u64,
     broadcast_due: Option<Instant>,
@@ -134,9 +145,9 @@ impl Registry {
             index: FileIndex::default(),
             next_peer_id: 1,
             next_nonce: 1,
-            pending_added: BTreeMap::new(),
+            announced_upto: PeerId(0),
             pending_removed: Vec::new(),
-            joins: 0,
+            join_list: None,
             rotate: 0,
             broadcast_due: None,
             next_ping: None,
@@ -422,8 +433,6 @@ impl Registry {
             }),
         );
         self.members.insert(id, Live { conn, addr });
-        self.joins += 1;
-        self.pending_added.insert(id, (addr, self.joins));
         self.send(
             conn,
             Message::Welcome {
@@ -434,15 +443,15 @@ impl Registry {
         );
         // The join list, in pages sent back to back: no delta can come
         // between them, so the link may assemble them before applying any.
-        let mut after = PeerId(0);
-        loop {
-            let (peers, more) = self.peer_page(after, PEER_PAGE);
-            after = peers.last().map_or(after, |p| p.id);
-            self.send(conn, Message::PeerList { peers, more });
-            if !more {
-                break;
+        let pages = match &self.join_list {
+            Some((pages, _)) => pages.clone(),
+            None => {
+                let pages = self.join_pages();
+                self.join_list = Some((pages.clone(), id));
+                pages
             }
-        }
+        };
+        self.actions.push_back(Action::SendShared(conn, pages));
         self.arm_sweep(now + self.config.peer_timeout);
         if self.next_ping.is_none() {
             self.next_ping = Some(now + self.config.heartbeat);
@@ -494,13 +503,25 @@ impl Registry {
             for f in &m.files {
                 self.index.remove(m.id, &f.name, f.root, f.size);
             }
-            match self.pending_added.remove(&m.id) {
-                // Never broadcast; only the lists of later joiners named it.
-                Some((_, seq)) if seq == self.joins => {}
-                _ => self.pending_removed.push(m.id),
+            let named = self.join_list.as_ref().map_or(PeerId(0), |(_, upto)| *upto);
+            // Never broadcast and in no join list: nobody knows it.
+            if m.id <= self.announced_upto.max(named) {
+                self.pending_removed.push(m.id);
             }
             self.membership_changed(now);
         }
+    }
+
+    /// The live set as `PeerList` pages, `more` on all but the last.
+    fn join_pages(&self) -> Rc<[Message<'static>]> {
+        let peers = self.peer_list();
+        let pages = peers.len().div_ceil(PEER_PAGE).max(1);
+        (0..pages)
+            .map(|i| Message::PeerList {
+                peers: page_of(&peers, i).to_vec(),
+                more: i + 1 < pages,
+            })
+            .collect()
     }
 
     fn refuse(&mut self, conn: ConnId, code: ErrorCode, reason: String, now: Instant) {
@@ -525,14 +546,13 @@ impl Registry {
     /// never a walk over the member set to find the changes.
     fn broadcast(&mut self) {
         self.broadcast_due = None;
-        let added: Vec<PeerEntry> = std::mem::take(&mut self.pending_added)
-            .into_iter()
-            .map(|(id, (addr, _))| PeerEntry { id, addr })
-            .collect();
+        let (added, _) = self.peer_page(self.announced_upto, usize::MAX - 1);
+        self.announced_upto = PeerId(self.next_peer_id - 1);
         let removed = std::mem::take(&mut self.pending_removed);
         if added.is_empty() && removed.is_empty() {
             return;
         }
+        self.join_list = None;
         log::debug!(
             "broadcast: +{} -{} to {} peers",
             added.len(),
@@ -540,17 +560,15 @@ impl Registry {
             self.members.len()
         );
         let frames = added.len().max(removed.len()).div_ceil(PEER_PAGE);
-        let deltas: Vec<Message<'static>> = (0..frames)
+        let deltas: Rc<[Message<'static>]> = (0..frames)
             .map(|i| Message::PeerDelta {
                 added: page_of(&added, i).to_vec(),
                 removed: page_of(&removed, i).to_vec(),
             })
             .collect();
-        let conns: Vec<ConnId> = self.members.values().map(|l| l.conn).collect();
-        for conn in conns {
-            for d in &deltas {
-                self.send(conn, d.clone());
-            }
+        for live in self.members.values() {
+            self.actions
+                .push_back(Action::SendShared(live.conn, deltas.clone()));
         }
     }
 
@@ -693,9 +711,10 @@ mod tests {
 
         r.handle_timeout(t0 + r.config.broadcast_delay);
         let delta = std::iter::from_fn(|| r.poll_action()).find_map(|a| match a {
-            Action::Send(ConnId(2), Message::PeerDelta { added, removed }) => {
-                Some((added, removed))
-            }
+            Action::SendShared(ConnId(2), frames) => match &frames[..] {
+                [Message::PeerDelta { added, removed }] => Some((added.clone(), removed.clone())),
+                _ => None,
+            },
             _ => None,
         });
         let (added, removed) = delta.expect("a delta to the member still there");
@@ -853,5 +872,42 @@ mod tests {
         assert_eq!(r.network_files().len(), 4);
         let (groups, _) = r.holders(&FileName::new("cafe").unwrap());
         assert_eq!(groups.len(), 1);
+    }
+
+    #[test]
+    fn a_join_list_is_built_once_per_window_and_shared() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let mut lists = Vec::new();
+        for c in 1..=3 {
+            join(&mut r, c, t0);
+            lists.extend(drain(&mut r).into_iter().filter_map(|a| match a {
+                Action::SendShared(_, frames) => Some(frames),
+                _ => None,
+            }));
+        }
+        assert_eq!(lists.len(), 3);
+        assert!(Rc::ptr_eq(&lists[0], &lists[2]), "one list for the window");
+        // Peer 3 joined after the list was built: no list names it, so its
+        // leave needs no removal; peer 1 is named and must be removed.
+        r.handle_disconnected(ConnId(3), t0);
+        r.handle_disconnected(ConnId(1), t0);
+        r.handle_timeout(t0 + r.config.broadcast_delay);
+        let deltas: Vec<Rc<[Message<'static>]>> = drain(&mut r)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::SendShared(ConnId(2), frames) => Some(frames),
+                _ => None,
+            })
+            .collect();
+        let [delta] = &deltas[..] else {
+            panic!("{deltas:?}");
+        };
+        assert!(
+            matches!(&delta[..], [Message::PeerDelta { added, removed }]
+                if added.iter().map(|p| p.id).eq([PeerId(2)]) && removed == &[PeerId(1)]),
+            "{delta:?}"
+        );
+        check_invariants(&r);
     }
 }

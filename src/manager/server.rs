@@ -252,6 +252,14 @@ impl Server {
                         touched.push(id);
                     }
                 }
+                Action::SendShared(id, msgs) => {
+                    if let Some(conn) = self.conns.get_mut(id.0) {
+                        for msg in msgs.iter() {
+                            conn.send(msg);
+                        }
+                        touched.push(id);
+                    }
+                }
                 Action::Close(id) => self.close(id),
             }
         }
