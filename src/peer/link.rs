@@ -16,6 +16,10 @@ use crate::wire::{
     Role,
 };
 
+/// Most entries a paged answer (or a join list) may add up to: a manager
+/// that keeps saying `more` cannot make us grow without bound.
+const MAX_LISTED: usize = 1 << 22;
+
 /// Whether this link joins the network or only asks questions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkMode {
@@ -295,6 +299,9 @@ impl ManagerLink {
             }
             (State::Ready { .. }, Message::PeerList { peers, more }) if self.awaiting_join_list => {
                 self.join_pages.extend(peers);
+                if self.join_pages.len() > MAX_LISTED {
+                    return self.protocol_error("a join list over the limit", now);
+                }
                 if !more {
                     self.awaiting_join_list = false;
                     let pages = std::mem::take(&mut self.join_pages);
@@ -321,13 +328,20 @@ impl ManagerLink {
                 };
                 let last = peers.last().map(|p| p.id);
                 got.extend(peers);
+                if got.len() > MAX_LISTED {
+                    let what = "a peer list over the limit";
+                    return self.fail_paged(Pending::Peers(got), what, now);
+                }
                 match (more, last) {
                     (false, _) => self.event(LinkEvent::Peers(got)),
                     (true, Some(after)) => {
                         self.send(Message::ListPeers { after });
                         self.in_flight.push_back(Pending::Peers(got));
                     }
-                    (true, None) => self.protocol_error("an empty peer page with more", now),
+                    (true, None) => {
+                        let what = "an empty peer page with more";
+                        self.fail_paged(Pending::Peers(got), what, now);
+                    }
                 }
             }
             (State::Ready { .. }, Message::FileList { files, more })
@@ -338,13 +352,20 @@ impl ManagerLink {
                 };
                 let after = files.last().map(NetworkFile::cursor);
                 got.extend(files);
+                if got.len() > MAX_LISTED {
+                    let what = "a file list over the limit";
+                    return self.fail_paged(Pending::Files(got), what, now);
+                }
                 match (more, after) {
                     (false, _) => self.event(LinkEvent::Files(got)),
                     (true, Some(after)) => {
                         self.send(Message::ListFiles { after: Some(after) });
                         self.in_flight.push_back(Pending::Files(got));
                     }
-                    (true, None) => self.protocol_error("an empty file page with more", now),
+                    (true, None) => {
+                        let what = "an empty file page with more";
+                        self.fail_paged(Pending::Files(got), what, now);
+                    }
                 }
             }
             (State::Ready { .. }, Message::Holders { name, groups, .. })
@@ -361,6 +382,13 @@ impl ManagerLink {
                 self.protocol_error(&what, now);
             }
         }
+    }
+
+    /// A paged answer went wrong: the question goes back to the head of
+    /// `in_flight`, so the disconnect fails it like every other.
+    fn fail_paged(&mut self, pending: Pending, what: &str, now: Instant) {
+        self.in_flight.push_front(pending);
+        self.protocol_error(what, now);
     }
 
     fn protocol_error(&mut self, what: &str, now: Instant) {
@@ -576,5 +604,30 @@ mod tests {
         link.handle_message(delta, now);
         let ids: Vec<u64> = link.peers().keys().map(|p| p.0).collect();
         assert_eq!(ids, [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_manager_that_pages_without_entries_fails_the_question_once() {
+        let now = Instant::now();
+        let mut link = ready(LinkMode::QueryOnly, now);
+        link.ask(Query::ListFiles);
+        sent(&mut link);
+        let bad = Message::FileList {
+            files: vec![],
+            more: true,
+        };
+        link.handle_message(bad, now);
+        let events: Vec<LinkEvent> = std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        let failed = events
+            .iter()
+            .filter(|e| **e == LinkEvent::QueryFailed(Query::ListFiles))
+            .count();
+        assert_eq!(failed, 1, "{events:?}");
+        assert!(!link.is_ready());
     }
 }
