@@ -46,6 +46,7 @@ fn drain(r: &mut Registry, out: &mut Vec<u8>) -> usize {
             // Shared frames (join lists, deltas) are encoded by the shell
             // once per connection; the core only hands out the same list.
             Action::SendShared(_, msgs) => n += msgs.len(),
+            Action::Broadcast(conns, msgs) => n += conns.len() * msgs.len(),
             Action::Close(_) => {}
         }
     }

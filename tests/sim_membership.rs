@@ -568,6 +568,11 @@ impl Sim {
                     self.apply_registry(Action::Send(conn, msg.clone()));
                 }
             }
+            Action::Broadcast(conns, msgs) => {
+                for conn in conns {
+                    self.apply_registry(Action::SendShared(conn, msgs.clone()));
+                }
+            }
             Action::Send(conn, msg) => {
                 if self.conns[&conn].registry_open {
                     let mut frame = Vec::new();

@@ -57,6 +57,9 @@ pub enum Action {
     /// gets the same frames (a join list, a broadcast delta), so queueing
     /// them costs the core O(1) per connection however long they are.
     SendShared(ConnId, Rc<[Message<'static>]>),
+    /// Send each of these frames, in order, to each of these connections
+    /// (pings and deltas to every member): one action, not one per member.
+    Broadcast(Vec<ConnId>, Rc<[Message<'static>]>),
     /// Flush what is queued for the connection, then close it.
     Close(ConnId),
 }
@@ -546,39 +549,41 @@ impl Registry {
     /// never a walk over the member set to find the changes.
     fn broadcast(&mut self) {
         self.broadcast_due = None;
-        let (added, _) = self.peer_page(self.announced_upto, usize::MAX - 1);
-        self.announced_upto = PeerId(self.next_peer_id - 1);
+        let after = (Bound::Excluded(self.announced_upto), Bound::Unbounded);
+        let added = self.members.range(after).count();
         let removed = std::mem::take(&mut self.pending_removed);
-        if added.is_empty() && removed.is_empty() {
+        if added == 0 && removed.is_empty() {
             return;
         }
         self.join_list = None;
         log::debug!(
-            "broadcast: +{} -{} to {} peers",
-            added.len(),
+            "broadcast: +{added} -{} to {} peers",
             removed.len(),
             self.members.len()
         );
-        let frames = added.len().max(removed.len()).div_ceil(PEER_PAGE);
+        // Pages straight from the member map: no list of all additions.
+        let mut joined = self
+            .members
+            .range(after)
+            .map(|(&id, l)| PeerEntry { id, addr: l.addr });
+        let frames = added.max(removed.len()).div_ceil(PEER_PAGE);
         let deltas: Rc<[Message<'static>]> = (0..frames)
             .map(|i| Message::PeerDelta {
-                added: page_of(&added, i).to_vec(),
+                added: joined.by_ref().take(PEER_PAGE).collect(),
                 removed: page_of(&removed, i).to_vec(),
             })
             .collect();
-        for live in self.members.values() {
-            self.actions
-                .push_back(Action::SendShared(live.conn, deltas.clone()));
-        }
+        self.announced_upto = PeerId(self.next_peer_id - 1);
+        let conns = self.members.values().map(|l| l.conn).collect();
+        self.actions.push_back(Action::Broadcast(conns, deltas));
     }
 
     fn ping_members(&mut self, now: Instant) {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
-        let conns: Vec<ConnId> = self.members.values().map(|l| l.conn).collect();
-        for conn in conns {
-            self.send(conn, Message::Ping { nonce });
-        }
+        let conns = self.members.values().map(|l| l.conn).collect();
+        let ping: Rc<[Message<'static>]> = Rc::new([Message::Ping { nonce }]);
+        self.actions.push_back(Action::Broadcast(conns, ping));
         self.next_ping = (!self.members.is_empty()).then(|| now + self.config.heartbeat);
     }
 
@@ -711,7 +716,7 @@ mod tests {
 
         r.handle_timeout(t0 + r.config.broadcast_delay);
         let delta = std::iter::from_fn(|| r.poll_action()).find_map(|a| match a {
-            Action::SendShared(ConnId(2), frames) => match &frames[..] {
+            Action::Broadcast(conns, frames) if conns == [ConnId(2)] => match &frames[..] {
                 [Message::PeerDelta { added, removed }] => Some((added.clone(), removed.clone())),
                 _ => None,
             },
@@ -896,7 +901,7 @@ mod tests {
         let deltas: Vec<Rc<[Message<'static>]>> = drain(&mut r)
             .into_iter()
             .filter_map(|a| match a {
-                Action::SendShared(ConnId(2), frames) => Some(frames),
+                Action::Broadcast(conns, frames) if conns == [ConnId(2)] => Some(frames),
                 _ => None,
             })
             .collect();
