@@ -66,14 +66,13 @@ fn get_past_bad_holders(behaviour: impl Fn(&Manifest) -> Serve, limit: Duration)
         .collect();
     let seed_dir = TempDir::new().unwrap();
     std::fs::copy(&src, seed_dir.path().join(name)).unwrap();
-    let seed = Peer::start(seed_dir.path(), manager.addr, &[]);
+    let _seed = Peer::start(seed_dir.path(), manager.addr, &[]);
     wait_one_version(manager.addr, name, &manifest.root, 4);
+    // The manager rotates each answer's holder list, so the honest seeder
+    // may come anywhere among the four; the worst order (honest last) is
+    // covered in virtual time by src/peer/download/tests.rs.
     let groups = raw::who_has_groups(manager.addr, name);
-    assert_eq!(
-        groups[0].peers.last().map(|p| p.1.port()),
-        Some(seed.addr.port()),
-        "the honest seeder is listed last"
-    );
+    assert_eq!(groups[0].peers.len(), 4, "three fakes and the seeder");
 
     let dl = TempDir::new().unwrap();
     let start = Instant::now();

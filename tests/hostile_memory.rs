@@ -456,29 +456,31 @@ fn a_peer_bounds_chunks_queued_for_clients_that_do_not_read() {
     verdict(&watch, "peer, GetChunk flood", &[during, after]);
 }
 
-/// A manager whose index is big: one member shares 20 000 files (a
-/// `FileList` of about 1.2 MB) and 50 members share the same 400 versions
-/// of `w.bin` (a `Holders` answer of about 300 KB); the 51 members make
+/// A manager whose index is big: five members share 4000 files each (the
+/// per-registration limit is 4096), 20 000 in all (a `FileList` of about
+/// 1.2 MB over its pages), and 50 members share one version of `w.bin`
+/// (one registration may hold one version of a name); the 55 members make
 /// the `PeerList`.
 fn busy_manager() -> (Manager, Vec<FakeMember>) {
     let manager = start_manager(ATTACK_CONNS + 60);
-    let many: Vec<FileEntry> = (0..20_000u32)
-        .map(|i| FileEntry {
-            name: format!("file-{i:06}.bin"),
-            size: u64::from(i),
-            root: *blake3::hash(&i.to_be_bytes()).as_bytes(),
+    let file = |i: u32| FileEntry {
+        name: format!("file-{i:06}.bin"),
+        size: u64::from(i),
+        root: *blake3::hash(&i.to_be_bytes()).as_bytes(),
+    };
+    let w = [FileEntry {
+        name: "w.bin".into(),
+        size: 1000,
+        root: *blake3::hash(b"w").as_bytes(),
+    }];
+    let mut members: Vec<FakeMember> = (0..5u32)
+        .map(|m| {
+            let files: Vec<FileEntry> = (m * 4000..(m + 1) * 4000).map(file).collect();
+            FakeMember::join(manager.addr, 4 + m as u16, &files)
         })
         .collect();
-    let versions: Vec<FileEntry> = (0..400u32)
-        .map(|i| FileEntry {
-            name: "w.bin".into(),
-            size: 1000 + u64::from(i),
-            root: *blake3::hash(format!("w{i}").as_bytes()).as_bytes(),
-        })
-        .collect();
-    let mut members = vec![FakeMember::join(manager.addr, 9, &many)];
     for i in 0..50 {
-        members.push(FakeMember::join(manager.addr, 10 + i, &versions));
+        members.push(FakeMember::join(manager.addr, 10 + i, &w));
     }
     wait_for(WAIT, "the index to fill", || {
         raw::who_has_groups(manager.addr, "w.bin")
@@ -522,7 +524,8 @@ fn a_manager_bounds_file_lists_queued_for_clients_that_do_not_read() {
     // manager about three times that, so count 3.6 MB per answer.
     manager_flood(
         &raw::list_files(),
-        3_600_000,
+        // One page: 4096 entries of 61 bytes.
+        4096 * 61,
         1,
         "manager, ListFiles flood on one connection",
     );
@@ -534,7 +537,7 @@ fn a_manager_bounds_peer_lists_queued_for_clients_that_do_not_read() {
     // 51 entries of 15 bytes.
     manager_flood(
         &raw::list_peers(),
-        51 * 15 + 9,
+        55 * 15 + 9,
         ATTACK_CONNS,
         "manager, ListPeers flood",
     );
@@ -546,7 +549,7 @@ fn a_manager_bounds_holder_lists_queued_for_clients_that_do_not_read() {
     // 400 groups of 44 bytes and 50 holders of 15 bytes.
     manager_flood(
         &raw::who_has("w.bin"),
-        400 * (44 + 50 * 15),
+        44 + 50 * 15 + 8,
         ATTACK_CONNS,
         "manager, WhoHas flood",
     );

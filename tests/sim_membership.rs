@@ -306,6 +306,22 @@ impl Sim {
         self.schedule_on(conn, Dir::ToRegistry, Ev::ToRegistry { conn, frame });
     }
 
+    /// A raw connection that says hello and registers (it never answers pings).
+    fn raw_member(&mut self) -> (usize, ConnId) {
+        let (r, conn) = self.raw_connect();
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::ManagerClient,
+        };
+        self.raw_send(conn, &hello);
+        let register = Message::Register {
+            listen_port: 9000,
+            advertise: None,
+        };
+        self.raw_send(conn, &register);
+        (r, conn)
+    }
+
     fn raw_inbox(&self, r: usize) -> Vec<Message<'_>> {
         self.raws[r].inbox.iter().map(|f| decode_whole(f)).collect()
     }
@@ -360,6 +376,7 @@ impl Sim {
     /// Every live member is registered, the registry lists exactly them,
     /// and each one's view equals the registry's.
     fn assert_converged(&self, what: &str) {
+        self.registry().check_invariants();
         let reg = self.registry_peers();
         let mut ids = BTreeSet::new();
         for i in self.live_members() {
@@ -471,6 +488,12 @@ impl Sim {
                 let (Some(r), true) = (self.registry.as_mut(), c.registry_open) else {
                     return; // reset: the registry closed this connection
                 };
+                // As the connection driver does: the per-state table first.
+                let (kind, body) = (frame[4], frame.len() - wire::HEADER_LEN);
+                if r.max_frame_body(conn, kind).is_none_or(|max| body > max) {
+                    r.handle_refused_frame(conn, kind, body, now);
+                    return;
+                }
                 r.handle_message(conn, c.remote, decode_whole(&frame), now);
                 self.last_heard.insert(conn, now);
             }
@@ -540,10 +563,27 @@ impl Sim {
 
     fn apply_registry(&mut self, action: Action) {
         match action {
+            Action::SendShared(conn, msgs) => {
+                for msg in msgs.iter() {
+                    self.apply_registry(Action::Send(conn, msg.clone()));
+                }
+            }
+            Action::Broadcast(conns, msgs) => {
+                for conn in conns {
+                    self.apply_registry(Action::SendShared(conn, msgs.clone()));
+                }
+            }
             Action::Send(conn, msg) => {
                 if self.conns[&conn].registry_open {
                     let mut frame = Vec::new();
                     wire::encode(&msg, &mut frame);
+                    let body = frame.len() - wire::HEADER_LEN;
+                    let max = wire::max_body_len(frame[4]).expect("a known kind");
+                    assert!(
+                        body <= max,
+                        "registry sent {body} bytes of kind {:#x}",
+                        frame[4]
+                    );
                     self.schedule_on(conn, Dir::ToEnd, Ev::ToEnd { conn, frame });
                 }
             }
@@ -1080,4 +1120,203 @@ fn protocol_errors_close_only_the_offender() {
     sim.run_for(200 * MS + sim.max_delay());
     assert!(sim.raws[mute].closed, "never closed");
     sim.assert_converged("after the mute connection");
+}
+
+fn many_files(prefix: &str, n: usize, version: u8) -> Vec<FileSummary> {
+    (0..n)
+        .map(|i| FileSummary {
+            name: name(&format!("{prefix}{i:05}")),
+            size: i as u64,
+            root: Hash([version; 32]),
+        })
+        .collect()
+}
+
+#[test]
+fn registrations_at_the_limits_get_answers_within_the_frame_limits() {
+    // Every frame the registry sends is checked against its kind's limit in
+    // `apply_registry`; here the answers are as large as the limits allow.
+    let mut sim = Sim::new(20);
+    let asker = sim.add_member();
+    let mut raws = Vec::new();
+    for k in 0..3u8 {
+        let (r, conn) = sim.raw_member();
+        let files = many_files(&format!("p{k}-"), wire::MAX_SHARED_FILES, k);
+        sim.raw_send(conn, &Message::ShareFiles { files });
+        raws.push(r);
+    }
+    // "hot": 40 versions, one per registration, and one version held by
+    // 300 registrations: more than one answer lists.
+    let versions = wire::MAX_HOLDER_GROUPS + 8;
+    for k in 0..versions + 300 {
+        let (_, conn) = sim.raw_member();
+        let version = if k < versions { k as u64 } else { 999 };
+        let hot = FileSummary {
+            name: name("hot"),
+            size: version,
+            root: Hash([7; 32]),
+        };
+        sim.raw_send(conn, &Message::ShareFiles { files: vec![hot] });
+    }
+    sim.run_for(Duration::from_secs(1));
+    sim.registry().check_invariants();
+
+    let LinkEvent::Files(files) = sim.ask(asker, Query::ListFiles) else {
+        panic!("not a file list");
+    };
+    assert_eq!(files.len(), 3 * wire::MAX_SHARED_FILES + versions + 1);
+    assert!(files.len() > 3 * wire::FILE_PAGE, "several pages");
+    assert_eq!(files, sim.registry().network_files(), "pages reassemble");
+
+    let (_, conn) = sim.raw_connect();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::ManagerClient,
+    };
+    sim.raw_send(conn, &hello);
+    sim.raw_send(conn, &Message::WhoHas { name: name("hot") });
+    sim.run_for(Duration::from_secs(1));
+    let r = sim.raws.len() - 1;
+    let inbox = sim.raw_inbox(r);
+    let Some(Message::Holders {
+        truncated, groups, ..
+    }) = inbox.last()
+    else {
+        panic!("no holders: {inbox:?}");
+    };
+    assert!(*truncated);
+    assert_eq!(groups.len(), wire::MAX_HOLDER_GROUPS);
+    assert_eq!(
+        (groups[0].size, groups[0].holders),
+        (999, 300),
+        "majority first"
+    );
+    assert_eq!(groups[0].peers.len(), wire::MAX_HOLDERS_PER_GROUP);
+    assert!(groups[1..].iter().all(|g| g.holders == 1));
+}
+
+#[test]
+fn the_same_file_listed_five_times_is_one_vote() {
+    let mut sim = Sim::new(21);
+    let [a, b, c, asker] = [0; 4].map(|_| sim.add_member());
+    sim.links[a].core.set_shared(vec![file("f", 1); 5]);
+    sim.links[b]
+        .core
+        .set_shared(vec![file("f", 2), file("f", 2)]);
+    sim.links[c].core.set_shared(vec![file("f", 2)]);
+    sim.run_for(Duration::from_secs(1));
+
+    let LinkEvent::Files(files) = sim.ask(asker, Query::ListFiles) else {
+        panic!("not a file list");
+    };
+    let votes: Vec<(Hash, u32)> = files.iter().map(|f| (f.root, f.holders)).collect();
+    assert_eq!(votes, [(Hash([1; 32]), 1), (Hash([2; 32]), 2)]);
+    let LinkEvent::Holders(_, groups) = sim.ask(asker, Query::WhoHas(name("f"))) else {
+        panic!("not holders");
+    };
+    let counts: Vec<(Hash, u32, usize)> = groups
+        .iter()
+        .map(|g| (g.root, g.holders, g.peers.len()))
+        .collect();
+    assert_eq!(
+        counts,
+        [(Hash([2; 32]), 2, 2), (Hash([1; 32]), 1, 1)],
+        "b and c outvote a however often a lists its copy"
+    );
+    sim.assert_converged("after duplicate shares");
+}
+
+#[test]
+fn over_limit_shares_are_refused_with_a_reason_and_only_the_liar_goes() {
+    let mut sim = Sim::new(22);
+    let honest: Vec<usize> = (0..2).map(|_| sim.add_member()).collect();
+    sim.links[honest[0]].core.set_shared(vec![file("f", 1)]);
+    sim.run_for(Duration::from_secs(1));
+    let before = sim.registry_peers();
+
+    let too_many = many_files("x", wire::MAX_SHARED_FILES + 1, 1);
+    let two_versions = vec![file("f", 1), file("f", 2)];
+    let absurd = vec![FileSummary {
+        size: wire::MAX_FILE_SIZE + 1,
+        ..file("big", 1)
+    }];
+    let mut cases = Vec::new();
+    for (files, why) in [
+        (too_many, "at most"),
+        (two_versions, "two versions"),
+        (absurd, "bytes"),
+    ] {
+        let (r, conn) = sim.raw_member();
+        sim.raw_send(conn, &Message::ShareFiles { files });
+        cases.push((r, why));
+    }
+    // And a ShareFiles before Register: refused from its header alone.
+    let (early, conn) = sim.raw_connect();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::ManagerClient,
+    };
+    sim.raw_send(conn, &hello);
+    sim.raw_send(conn, &Message::ShareFiles { files: vec![] });
+    sim.run_for(Duration::from_secs(1));
+
+    for (r, why) in cases {
+        let inbox = sim.raw_inbox(r);
+        let Some(Message::Error { code, reason }) = inbox.last() else {
+            panic!("{why}: no error: {inbox:?}");
+        };
+        assert_eq!(*code, ErrorCode::Limit, "{reason}");
+        assert!(reason.contains(why), "{reason:?} should say {why:?}");
+        assert!(sim.raws[r].closed);
+    }
+    let inbox = sim.raw_inbox(early);
+    assert!(
+        matches!(inbox.last(), Some(Message::Error { code: ErrorCode::Protocol, reason }) if reason.contains("share-files")),
+        "{inbox:?}"
+    );
+    assert_eq!(sim.registry_peers(), before, "the honest peers stay");
+    assert_eq!(sim.registry().network_files().len(), 1);
+    sim.assert_converged("after the refusals");
+}
+
+#[test]
+fn honest_peers_stay_listed_while_a_hostile_one_floods() {
+    let mut sim = Sim::new(23);
+    let honest: Vec<usize> = (0..3).map(|_| sim.add_member()).collect();
+    sim.links[honest[0]].core.set_shared(vec![file("hot", 1)]);
+    sim.run_for(Duration::from_secs(1));
+    let (_, conn) = sim.raw_member();
+    let sets = [
+        many_files("a", wire::MAX_SHARED_FILES, 1),
+        many_files("b", wire::MAX_SHARED_FILES, 2),
+    ];
+    let start = sim.now;
+    for step in 0..700u32 {
+        // Every 30 ms of virtual time for 21 s: questions, and every 150 ms a
+        // file page and a whole new share set at the limit (full churn).
+        for _ in 0..3 {
+            sim.raw_send(conn, &Message::WhoHas { name: name("hot") });
+        }
+        if step % 5 == 0 {
+            sim.raw_send(conn, &Message::ListFiles { after: None });
+            let files = sets[step as usize / 5 % 2].clone();
+            sim.raw_send(conn, &Message::ShareFiles { files });
+        }
+        sim.run_for(30 * MS);
+    }
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.now - start > 3 * sim.registry_config.peer_timeout);
+    for &i in &honest {
+        let lost = sim.links[i].events.iter().any(|(t, e)| {
+            *t > start && matches!(e, LinkEvent::Lost { .. } | LinkEvent::Refused(_))
+        });
+        assert!(!lost, "honest link {i} lost the manager");
+        assert!(sim.registry_peers().contains_key(&sim.id(i)));
+    }
+    sim.registry().check_invariants();
+    assert_eq!(
+        sim.registry_peers().len(),
+        4,
+        "the flooder is only busy, not wrong"
+    );
 }

@@ -13,12 +13,16 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Bound;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use super::index::FileIndex;
 use crate::net::ConnId;
 use crate::wire::{
-    Accept, ErrorCode, FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION,
-    PeerEntry, PeerId, Role, accept,
+    self, Accept, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, Hash, HolderGroup,
+    MAX_FILE_SIZE, MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROTOCOL_VERSION, PeerEntry,
+    PeerId, Role, accept,
 };
 
 /// Timers of the membership protocol.
@@ -49,6 +53,13 @@ impl Default for RegistryConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Send(ConnId, Message<'static>),
+    /// Send each of these frames, in order. Shared by every connection that
+    /// gets the same frames (a join list, a broadcast delta), so queueing
+    /// them costs the core O(1) per connection however long they are.
+    SendShared(ConnId, Rc<[Message<'static>]>),
+    /// Send each of these frames, in order, to each of these connections
+    /// (pings and deltas to every member): one action, not one per member.
+    Broadcast(Vec<ConnId>, Rc<[Message<'static>]>),
     /// Flush what is queued for the connection, then close it.
     Close(ConnId),
 }
@@ -86,24 +97,41 @@ enum ConnState {
 #[derive(Debug)]
 struct Member {
     id: PeerId,
-    addr: SocketAddr,
     last_heard: Instant,
+    /// What it shares: sorted by name, one version per name, no duplicates.
     files: Vec<FileSummary>,
+}
+
+/// A live member as the lists show it.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    conn: ConnId,
+    addr: SocketAddr,
 }
 
 pub struct Registry {
     config: RegistryConfig,
     conns: HashMap<ConnId, ConnState>,
-    /// Members by id; the value is their connection.
-    members: BTreeMap<PeerId, ConnId>,
+    /// Live members by id: the source of every peer list and page.
+    members: BTreeMap<PeerId, Live>,
+    /// Who shares what; every answer about files reads only this.
+    index: FileIndex,
     next_peer_id: u64,
     next_nonce: u64,
-    /// The member set as last broadcast; deltas are computed against it.
-    broadcast_view: BTreeMap<PeerId, SocketAddr>,
-    /// Members that joined and left since the last broadcast. The view never
-    /// held them, but the join lists sent meanwhile did, so the next delta
-    /// must remove them too.
-    unannounced_leaves: Vec<PeerId>,
+    /// The highest id the last broadcast announced. Ids grow with every
+    /// join, so the members that joined since are exactly the members above
+    /// it: the pending additions need no storage of their own.
+    announced_upto: PeerId,
+    /// Left since the last broadcast and named in some member's list.
+    pending_removed: Vec<PeerId>,
+    /// The join list pages every joiner gets until the next broadcast: the
+    /// member set when the first joiner after a broadcast came, with the
+    /// highest id it names. The next delta brings each
+    /// joiner from it to the live set, so it is built once per broadcast
+    /// window, not once per join.
+    join_list: Option<(Rc<[Message<'static>]>, PeerId)>,
+    /// Turns every `WhoHas` to a new starting holder.
+    rotate: u64,
     broadcast_due: Option<Instant>,
     next_ping: Option<Instant>,
     /// Earliest moment any member or handshake can expire (may be early, never late).
@@ -117,10 +145,13 @@ impl Registry {
             config,
             conns: HashMap::new(),
             members: BTreeMap::new(),
+            index: FileIndex::default(),
             next_peer_id: 1,
             next_nonce: 1,
-            broadcast_view: BTreeMap::new(),
-            unannounced_leaves: Vec::new(),
+            announced_upto: PeerId(0),
+            pending_removed: Vec::new(),
+            join_list: None,
+            rotate: 0,
             broadcast_due: None,
             next_ping: None,
             next_sweep: None,
@@ -130,6 +161,39 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// The largest body a frame of `kind` may have on `conn` now, or `None`
+    /// if `conn` may not send that kind at all in its state (or is unknown).
+    /// The shell asks before buffering each frame's body, so an unregistered
+    /// connection can never make the manager hold a large `ShareFiles`:
+    /// before its hello only `Hello` (and `Error`), before `Register` no
+    /// `ShareFiles`, and never a peer-to-peer or manager-to-peer kind.
+    pub fn max_frame_body(&self, conn: ConnId, kind: u8) -> Option<usize> {
+        self.conns.get(&conn)?;
+        self.accepts(conn).limit(kind)
+    }
+
+    /// The shell read the header of a frame that [`Registry::max_frame_body`]
+    /// refuses: the connection is told why and closed.
+    pub fn handle_refused_frame(&mut self, conn: ConnId, kind: u8, body_len: usize, now: Instant) {
+        let Some(state) = self.conns.get(&conn) else {
+            self.actions.push_back(Action::Close(conn));
+            return;
+        };
+        let state = state_name(state);
+        let name = wire::kind_name(kind);
+        let (code, reason) = match self.max_frame_body(conn, kind) {
+            None => (
+                ErrorCode::Protocol,
+                format!("a {name} frame (0x{kind:02x}) is not accepted while {state}"),
+            ),
+            Some(max) => (
+                ErrorCode::Limit,
+                format!("a {name} frame of {body_len} bytes is over its limit of {max}"),
+            ),
+        };
+        self.refuse(conn, code, reason, now);
     }
 
     /// A new connection: greet it and give it until the hello timeout.
@@ -187,38 +251,48 @@ impl Registry {
                 let addr = advertise.unwrap_or(SocketAddr::new(remote.ip(), listen_port));
                 self.join(conn, addr, now);
             }
-            (ConnState::Member(m), Message::ShareFiles { files }) => {
-                log::debug!("peer {} shares {} files", m.id, files.len());
-                m.files = files;
-            }
+            (ConnState::Member(_), Message::ShareFiles { files }) => self.share(conn, files, now),
             (ConnState::Member(_), Message::Pong { .. }) => {}
-            (ConnState::Member(_), Message::Goodbye) => {
+            (ConnState::Client | ConnState::Member(_), Message::Goodbye) => {
                 self.drop_conn(conn, LeaveReason::Goodbye, now);
                 self.actions.push_back(Action::Close(conn));
             }
-            (ConnState::Client, Message::Goodbye) => {
-                self.drop_conn(conn, LeaveReason::Goodbye, now);
+            (_, Message::Error { code, reason }) => {
+                log::info!("connection {} gave up: {reason} ({code:?})", conn.0);
+                self.drop_conn(conn, LeaveReason::Disconnected, now);
                 self.actions.push_back(Action::Close(conn));
             }
             (ConnState::Client | ConnState::Member(_), Message::Ping { nonce }) => {
                 self.send(conn, Message::Pong { nonce });
             }
-            (ConnState::Client | ConnState::Member(_), Message::ListPeers) => {
-                let peers = self.peer_list();
-                self.send(conn, Message::PeerList { peers });
+            (ConnState::Client | ConnState::Member(_), Message::ListPeers { after }) => {
+                let (peers, more) = self.peer_page(after, PEER_PAGE);
+                self.send(conn, Message::PeerList { peers, more });
             }
-            (ConnState::Client | ConnState::Member(_), Message::ListFiles) => {
-                let files = self.network_files();
-                self.send(conn, Message::FileList { files });
+            (ConnState::Client | ConnState::Member(_), Message::ListFiles { after }) => {
+                let (files, more) = self.index.page(after.as_ref(), FILE_PAGE);
+                self.send(conn, Message::FileList { files, more });
             }
             (ConnState::Client | ConnState::Member(_), Message::WhoHas { name }) => {
-                let groups = self.holders(&name);
-                self.send(conn, Message::Holders { name, groups });
+                self.rotate = self.rotate.wrapping_add(1);
+                let start =
+                    (self.rotate.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) % self.next_peer_id;
+                let (groups, truncated) = self.holders_from(&name, start);
+                self.send(
+                    conn,
+                    Message::Holders {
+                        name,
+                        truncated,
+                        groups,
+                    },
+                );
             }
             (state, msg) => {
-                // Bounded: the message may be an 8 MiB list.
-                let msg = crate::text::debug_within(&msg, 200);
-                let reason = format!("unexpected {msg} while {}", state_name(state));
+                let reason = format!(
+                    "unexpected {} while {}",
+                    wire::kind_name(msg.kind()),
+                    state_name(state)
+                );
                 self.refuse(conn, ErrorCode::Protocol, reason, now);
             }
         }
@@ -265,69 +339,80 @@ impl Registry {
             .min()
     }
 
-    /// The live peers, ordered by id.
+    /// Every live peer, ordered by id (the operator's `peers` command).
     pub fn peer_list(&self) -> Vec<PeerEntry> {
         self.members
-            .values()
-            .filter_map(|c| match self.conns.get(c) {
-                Some(ConnState::Member(m)) => Some(PeerEntry {
-                    id: m.id,
-                    addr: m.addr,
-                }),
-                _ => None,
-            })
+            .iter()
+            .map(|(&id, l)| PeerEntry { id, addr: l.addr })
             .collect()
     }
 
-    /// Every (name, version) shared on the network with its holder count.
+    /// Live peers with ids above `after`, at most `limit`, and whether more
+    /// follow. O(page · log n).
+    pub fn peer_page(&self, after: PeerId, limit: usize) -> (Vec<PeerEntry>, bool) {
+        let mut peers: Vec<PeerEntry> = self
+            .members
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(&id, l)| PeerEntry { id, addr: l.addr })
+            .take(limit.saturating_add(1))
+            .collect();
+        let more = peers.len() > limit;
+        peers.truncate(limit);
+        (peers, more)
+    }
+
+    /// Every (name, version) shared on the network with its holder count
+    /// (the operator's `files` command; peers get it page by page).
     pub fn network_files(&self) -> Vec<NetworkFile> {
-        let mut by_version: BTreeMap<(&FileName, crate::wire::Hash), (u64, u32)> = BTreeMap::new();
-        for m in self.live_members() {
-            for f in &m.files {
-                by_version.entry((&f.name, f.root)).or_insert((f.size, 0)).1 += 1;
+        let mut all = Vec::with_capacity(self.index.len());
+        let mut after: Option<FileCursor> = None;
+        loop {
+            let (page, more) = self.index.page(after.as_ref(), FILE_PAGE);
+            after = page.last().map(NetworkFile::cursor);
+            all.extend(page);
+            if !more || after.is_none() {
+                return all;
             }
         }
-        by_version
-            .into_iter()
-            .map(|((name, root), (size, holders))| NetworkFile {
-                name: name.clone(),
-                size,
-                root,
-                holders,
-            })
-            .collect()
     }
 
-    /// The holders of `name`, one group per version, most-held version first.
-    pub fn holders(&self, name: &FileName) -> Vec<HolderGroup> {
-        let mut groups: Vec<HolderGroup> = Vec::new();
-        for m in self.live_members() {
-            for f in m.files.iter().filter(|f| &f.name == name) {
-                let entry = PeerEntry {
-                    id: m.id,
-                    addr: m.addr,
-                };
-                match groups.iter_mut().find(|g| g.root == f.root) {
-                    Some(g) => g.peers.push(entry),
-                    None => groups.push(HolderGroup {
-                        root: f.root,
-                        size: f.size,
-                        peers: vec![entry],
-                    }),
-                }
+    /// The answer to `WhoHas name` (without rotation): versions most-held
+    /// first, and whether some versions or holders were left out.
+    pub fn holders(&self, name: &FileName) -> (Vec<HolderGroup>, bool) {
+        self.holders_from(name, 0)
+    }
+
+    fn holders_from(&self, name: &FileName, start: u64) -> (Vec<HolderGroup>, bool) {
+        self.index
+            .holders(name, start, |id| self.members.get(&id).map(|l| l.addr))
+    }
+
+    /// Checks the invariants docs/state/membership.md states (for tests):
+    /// `members` and the `Member` connections agree, and the index holds
+    /// exactly the members' shared files.
+    pub fn check_invariants(&self) {
+        let mut shared = 0;
+        for (id, live) in &self.members {
+            match self.conns.get(&live.conn) {
+                Some(ConnState::Member(m)) if m.id == *id => shared += m.files.len(),
+                other => panic!("member {id} points at {other:?}"),
             }
         }
-        groups.sort_by(|a, b| b.peers.len().cmp(&a.peers.len()).then(a.root.cmp(&b.root)));
-        groups
-    }
-
-    fn live_members(&self) -> impl Iterator<Item = &Member> {
-        self.members
+        let member_conns = self
+            .conns
             .values()
-            .filter_map(|c| match self.conns.get(c) {
-                Some(ConnState::Member(m)) => Some(m),
-                _ => None,
-            })
+            .filter(|s| matches!(s, ConnState::Member(_)))
+            .count();
+        assert_eq!(member_conns, self.members.len());
+        self.index.check_invariants();
+        let (mut pairs, mut more, mut after) = (0, true, None);
+        while more {
+            let (page, m) = self.index.page(after.as_ref(), FILE_PAGE);
+            pairs += page.iter().map(|f| f.holders as usize).sum::<usize>();
+            after = page.last().map(NetworkFile::cursor);
+            more = m;
+        }
+        assert_eq!(pairs, shared, "index votes vs members' files");
     }
 
     fn join(&mut self, conn: ConnId, addr: SocketAddr, now: Instant) {
@@ -338,12 +423,11 @@ impl Registry {
             conn,
             ConnState::Member(Member {
                 id,
-                addr,
                 last_heard: now,
                 files: Vec::new(),
             }),
         );
-        self.members.insert(id, conn);
+        self.members.insert(id, Live { conn, addr });
         self.send(
             conn,
             Message::Welcome {
@@ -352,8 +436,17 @@ impl Registry {
                 peer_timeout_ms: self.config.peer_timeout.as_millis() as u32,
             },
         );
-        let peers = self.peer_list();
-        self.send(conn, Message::PeerList { peers });
+        // The join list, in pages sent back to back: no delta can come
+        // between them, so the link may assemble them before applying any.
+        let pages = match &self.join_list {
+            Some((pages, _)) => pages.clone(),
+            None => {
+                let pages = self.join_pages();
+                self.join_list = Some((pages.clone(), id));
+                pages
+            }
+        };
+        self.actions.push_back(Action::SendShared(conn, pages));
         self.arm_sweep(now + self.config.peer_timeout);
         if self.next_ping.is_none() {
             self.next_ping = Some(now + self.config.heartbeat);
@@ -361,15 +454,69 @@ impl Registry {
         self.membership_changed(now);
     }
 
+    /// Replaces a member's shared set, after checking it against the limits:
+    /// O(its size), whatever the rest of the network holds. Exact duplicate
+    /// entries count once; anything else suspicious refuses the whole frame.
+    fn share(&mut self, conn: ConnId, mut files: Vec<FileSummary>, now: Instant) {
+        if let Err(reason) = check_share(&mut files) {
+            return self.refuse(conn, ErrorCode::Limit, reason, now);
+        }
+        let Some(ConnState::Member(m)) = self.conns.get_mut(&conn) else {
+            return; // the caller matched a member
+        };
+        log::debug!("peer {} shares {} files", m.id, files.len());
+        // Both sets are sorted the same way: walk them together so only what
+        // changed touches the index (a re-share after one edit costs one
+        // add and one remove, not the whole set twice).
+        let (old, id) = (std::mem::take(&mut m.files), m.id);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), files.get(j)) {
+                (Some(o), Some(n)) if o == n => (i, j) = (i + 1, j + 1),
+                (Some(o), Some(n)) if share_key(o) < share_key(n) => {
+                    self.index.remove(id, &o.name, o.root, o.size);
+                    i += 1;
+                }
+                (Some(o), None) => {
+                    self.index.remove(id, &o.name, o.root, o.size);
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    self.index.add(id, &n.name, n.root, n.size);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        m.files = files;
+    }
+
     fn drop_conn(&mut self, conn: ConnId, reason: LeaveReason, now: Instant) {
         if let Some(ConnState::Member(m)) = self.conns.remove(&conn) {
             log::info!("peer {} left ({reason})", m.id);
             self.members.remove(&m.id);
-            if !self.broadcast_view.contains_key(&m.id) {
-                self.unannounced_leaves.push(m.id);
+            for f in &m.files {
+                self.index.remove(m.id, &f.name, f.root, f.size);
+            }
+            let named = self.join_list.as_ref().map_or(PeerId(0), |(_, upto)| *upto);
+            // Never broadcast and in no join list: nobody knows it.
+            if m.id <= self.announced_upto.max(named) {
+                self.pending_removed.push(m.id);
             }
             self.membership_changed(now);
         }
+    }
+
+    /// The live set as `PeerList` pages, `more` on all but the last.
+    fn join_pages(&self) -> Rc<[Message<'static>]> {
+        let peers = self.peer_list();
+        let pages = peers.len().div_ceil(PEER_PAGE).max(1);
+        (0..pages)
+            .map(|i| Message::PeerList {
+                peers: page_of(&peers, i).to_vec(),
+                more: i + 1 < pages,
+            })
+            .collect()
     }
 
     fn refuse(&mut self, conn: ConnId, code: ErrorCode, reason: String, now: Instant) {
@@ -389,54 +536,46 @@ impl Registry {
         }
     }
 
+    /// One delta per member for everything since the last broadcast, cut in
+    /// frames of at most [`PEER_PAGE`] ids per list. O(changes · members),
+    /// never a walk over the member set to find the changes.
     fn broadcast(&mut self) {
         self.broadcast_due = None;
-        let now_view: BTreeMap<PeerId, SocketAddr> = self
-            .peer_list()
-            .into_iter()
-            .map(|p| (p.id, p.addr))
-            .collect();
-        let added: Vec<PeerEntry> = now_view
-            .iter()
-            .filter(|(id, _)| !self.broadcast_view.contains_key(id))
-            .map(|(&id, &addr)| PeerEntry { id, addr })
-            .collect();
-        let mut removed: Vec<PeerId> = self
-            .broadcast_view
-            .keys()
-            .filter(|id| !now_view.contains_key(id))
-            .copied()
-            .collect();
-        removed.append(&mut self.unannounced_leaves);
-        self.broadcast_view = now_view;
-        if added.is_empty() && removed.is_empty() {
+        let after = (Bound::Excluded(self.announced_upto), Bound::Unbounded);
+        let added = self.members.range(after).count();
+        let removed = std::mem::take(&mut self.pending_removed);
+        if added == 0 && removed.is_empty() {
             return;
         }
+        self.join_list = None;
         log::debug!(
-            "broadcast: +{} -{} to {} peers",
-            added.len(),
+            "broadcast: +{added} -{} to {} peers",
             removed.len(),
             self.members.len()
         );
-        let conns: Vec<ConnId> = self.members.values().copied().collect();
-        for conn in conns {
-            self.send(
-                conn,
-                Message::PeerDelta {
-                    added: added.clone(),
-                    removed: removed.clone(),
-                },
-            );
-        }
+        // Pages straight from the member map: no list of all additions.
+        let mut joined = self
+            .members
+            .range(after)
+            .map(|(&id, l)| PeerEntry { id, addr: l.addr });
+        let frames = added.max(removed.len()).div_ceil(PEER_PAGE);
+        let deltas: Rc<[Message<'static>]> = (0..frames)
+            .map(|i| Message::PeerDelta {
+                added: joined.by_ref().take(PEER_PAGE).collect(),
+                removed: page_of(&removed, i).to_vec(),
+            })
+            .collect();
+        self.announced_upto = PeerId(self.next_peer_id - 1);
+        let conns = self.members.values().map(|l| l.conn).collect();
+        self.actions.push_back(Action::Broadcast(conns, deltas));
     }
 
     fn ping_members(&mut self, now: Instant) {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
-        let conns: Vec<ConnId> = self.members.values().copied().collect();
-        for conn in conns {
-            self.send(conn, Message::Ping { nonce });
-        }
+        let conns = self.members.values().map(|l| l.conn).collect();
+        let ping: Rc<[Message<'static>]> = Rc::new([Message::Ping { nonce }]);
+        self.actions.push_back(Action::Broadcast(conns, ping));
         self.next_ping = (!self.members.is_empty()).then(|| now + self.config.heartbeat);
     }
 
@@ -484,6 +623,47 @@ impl Registry {
     }
 }
 
+/// Sorts and dedups a share set and checks it against the per-registration
+/// limits; the error is the reason sent to the peer. O(n log n) in the
+/// frame's own size.
+fn check_share(files: &mut Vec<FileSummary>) -> Result<(), String> {
+    if files.len() > MAX_SHARED_FILES {
+        return Err(format!(
+            "shares {} files; one registration may share at most {MAX_SHARED_FILES}",
+            files.len()
+        ));
+    }
+    if let Some(f) = files.iter().find(|f| f.size > MAX_FILE_SIZE) {
+        return Err(format!(
+            "claims {:?} is {} bytes, over the {MAX_FILE_SIZE} a manifest can describe",
+            f.name.as_str(),
+            f.size
+        ));
+    }
+    files.sort_unstable_by(|a, b| share_key(a).cmp(&share_key(b)));
+    files.dedup();
+    if let Some(w) = files.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(format!(
+            "lists {:?} in two versions ({} and {}); share one version per name",
+            w[0].name.as_str(),
+            w[0].root.short(),
+            w[1].root.short()
+        ));
+    }
+    Ok(())
+}
+
+/// The order a member's files are kept in (the index's order too).
+fn share_key(f: &FileSummary) -> (&FileName, Hash, u64) {
+    (&f.name, f.root, f.size)
+}
+
+/// The `i`th page of [`PEER_PAGE`] items (empty past the end).
+fn page_of<T>(items: &[T], i: usize) -> &[T] {
+    let start = (i * PEER_PAGE).min(items.len());
+    &items[start..(start + PEER_PAGE).min(items.len())]
+}
+
 fn state_name(state: &ConnState) -> &'static str {
     match state {
         ConnState::AwaitingHello { .. } => "awaiting hello",
@@ -495,18 +675,10 @@ fn state_name(state: &ConnState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::kind;
 
-    /// Every id in `members` points at a connection in state `Member` with
-    /// that id, and every `Member` connection is in `members`.
     fn check_invariants(r: &Registry) {
-        for (id, conn) in &r.members {
-            assert!(matches!(r.conns.get(conn), Some(ConnState::Member(m)) if m.id == *id));
-        }
-        let member_conns = r
-            .conns
-            .values()
-            .filter(|s| matches!(s, ConnState::Member(_)));
-        assert_eq!(member_conns.count(), r.members.len());
+        r.check_invariants();
     }
 
     fn join(r: &mut Registry, conn: usize, now: Instant) {
@@ -537,13 +709,203 @@ mod tests {
 
         r.handle_timeout(t0 + r.config.broadcast_delay);
         let delta = std::iter::from_fn(|| r.poll_action()).find_map(|a| match a {
-            Action::Send(ConnId(2), Message::PeerDelta { added, removed }) => {
-                Some((added, removed))
-            }
+            Action::Broadcast(conns, frames) if conns == [ConnId(2)] => match &frames[..] {
+                [Message::PeerDelta { added, removed }] => Some((added.clone(), removed.clone())),
+                _ => None,
+            },
             _ => None,
         });
         let (added, removed) = delta.expect("a delta to the member still there");
         assert_eq!(added.iter().map(|p| p.id).collect::<Vec<_>>(), [PeerId(2)]);
         assert_eq!(removed, [PeerId(1)], "conn 2's join list named peer 1");
+    }
+
+    fn share(r: &mut Registry, conn: usize, files: Vec<FileSummary>, now: Instant) {
+        let remote: SocketAddr = ([10, 0, 0, conn as u8], 4000).into();
+        r.handle_message(ConnId(conn), remote, Message::ShareFiles { files }, now);
+        check_invariants(r);
+    }
+
+    fn entry(name: &str, root: u8, size: u64) -> FileSummary {
+        FileSummary {
+            name: FileName::new(name).unwrap(), // a plain name
+            size,
+            root: crate::wire::Hash([root; 32]),
+        }
+    }
+
+    fn drain(r: &mut Registry) -> Vec<Action> {
+        std::iter::from_fn(|| r.poll_action()).collect()
+    }
+
+    #[test]
+    fn the_frame_table_follows_the_connection_state() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let c = ConnId(1);
+        assert_eq!(r.max_frame_body(c, kind::HELLO), None, "unknown connection");
+        r.handle_connected(c, t0);
+        assert!(r.max_frame_body(c, kind::HELLO).is_some());
+        for k in [
+            kind::REGISTER,
+            kind::SHARE_FILES,
+            kind::LIST_FILES,
+            kind::CHUNK,
+        ] {
+            assert_eq!(r.max_frame_body(c, k), None, "kind {k:#x} before hello");
+        }
+        let remote: SocketAddr = ([10, 0, 0, 1], 4000).into();
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::ManagerClient,
+        };
+        r.handle_message(c, remote, hello, t0);
+        assert!(r.max_frame_body(c, kind::REGISTER).is_some());
+        assert!(r.max_frame_body(c, kind::WHO_HAS).is_some());
+        assert_eq!(
+            r.max_frame_body(c, kind::SHARE_FILES),
+            None,
+            "before register"
+        );
+        assert_eq!(r.max_frame_body(c, kind::HELLO), None, "a second hello");
+        let register = Message::Register {
+            listen_port: 7000,
+            advertise: None,
+        };
+        r.handle_message(c, remote, register, t0);
+        assert_eq!(
+            r.max_frame_body(c, kind::SHARE_FILES),
+            Some(crate::wire::MAX_SHARE_FILES_BODY)
+        );
+        for k in [
+            kind::MANIFEST,
+            kind::CHUNK,
+            kind::GET_CHUNK,
+            kind::GET_MANIFEST,
+            kind::CANCEL,
+            kind::PEER_LIST,
+            kind::PEER_DELTA,
+            kind::HOLDERS,
+            kind::FILE_LIST,
+            kind::WELCOME,
+            kind::REGISTER,
+            0xee,
+        ] {
+            assert_eq!(r.max_frame_body(c, k), None, "kind {k:#x} from a member");
+        }
+        drain(&mut r);
+        r.handle_refused_frame(c, kind::CHUNK, 10, t0);
+        let actions = drain(&mut r);
+        assert!(
+            matches!(&actions[..], [Action::Send(_, Message::Error { code: ErrorCode::Protocol, reason }), Action::Close(_)] if reason.contains("chunk")),
+            "{actions:?}"
+        );
+        assert!(r.peer_list().is_empty(), "the offender left");
+        check_invariants(&r);
+    }
+
+    #[test]
+    fn one_registration_is_one_vote() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        join(&mut r, 1, t0);
+        join(&mut r, 2, t0);
+        share(&mut r, 1, vec![entry("f", 1, 10); 5], t0);
+        share(&mut r, 2, vec![entry("f", 2, 10), entry("f", 2, 10)], t0);
+        let files = r.network_files();
+        let votes: Vec<u32> = files.iter().map(|f| f.holders).collect();
+        assert_eq!(votes, [1, 1], "{files:?}");
+        let (groups, truncated) = r.holders(&FileName::new("f").unwrap());
+        assert!(!truncated);
+        assert_eq!(groups.len(), 2);
+        assert!(groups.iter().all(|g| g.holders == 1 && g.peers.len() == 1));
+        // Re-sharing the same set again changes nothing.
+        share(&mut r, 1, vec![entry("f", 1, 10); 3], t0);
+        assert_eq!(r.network_files(), files);
+    }
+
+    #[test]
+    fn lying_shares_are_refused_with_a_reason() {
+        let t0 = Instant::now();
+        let too_many: Vec<FileSummary> = (0..=MAX_SHARED_FILES)
+            .map(|i| entry(&format!("f{i}"), 1, 1))
+            .collect();
+        let cases: [(Vec<FileSummary>, &str); 3] = [
+            (vec![entry("f", 1, 1), entry("f", 2, 1)], "two versions"),
+            (vec![entry("f", 1, MAX_FILE_SIZE + 1)], "bytes"),
+            (too_many, "at most"),
+        ];
+        for (files, why) in cases {
+            let mut r = Registry::new(RegistryConfig::default());
+            join(&mut r, 1, t0);
+            join(&mut r, 2, t0);
+            share(&mut r, 2, vec![entry("g", 1, 1)], t0);
+            drain(&mut r);
+            share(&mut r, 1, files, t0);
+            let actions = drain(&mut r);
+            assert!(
+                matches!(&actions[..], [Action::Send(ConnId(1), Message::Error { code: ErrorCode::Limit, reason }), Action::Close(ConnId(1))] if reason.contains(why)),
+                "{why}: {actions:?}"
+            );
+            let ids: Vec<PeerId> = r.peer_list().iter().map(|p| p.id).collect();
+            assert_eq!(ids, [PeerId(2)], "only the liar left");
+            assert_eq!(r.network_files().len(), 1, "the honest share stays");
+        }
+    }
+
+    #[test]
+    fn names_are_compared_byte_for_byte() {
+        // "é" precomposed and decomposed, and a case difference: distinct
+        // names, each its own entry, each bounded by the same limits.
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        join(&mut r, 1, t0);
+        let names = ["caf\u{e9}", "cafe\u{301}", "Cafe", "cafe"];
+        share(
+            &mut r,
+            1,
+            names.iter().map(|n| entry(n, 1, 0)).collect(),
+            t0,
+        );
+        assert_eq!(r.network_files().len(), 4);
+        let (groups, _) = r.holders(&FileName::new("cafe").unwrap());
+        assert_eq!(groups.len(), 1);
+    }
+
+    #[test]
+    fn a_join_list_is_built_once_per_window_and_shared() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let mut lists = Vec::new();
+        for c in 1..=3 {
+            join(&mut r, c, t0);
+            lists.extend(drain(&mut r).into_iter().filter_map(|a| match a {
+                Action::SendShared(_, frames) => Some(frames),
+                _ => None,
+            }));
+        }
+        assert_eq!(lists.len(), 3);
+        assert!(Rc::ptr_eq(&lists[0], &lists[2]), "one list for the window");
+        // Peer 3 joined after the list was built: no list names it, so its
+        // leave needs no removal; peer 1 is named and must be removed.
+        r.handle_disconnected(ConnId(3), t0);
+        r.handle_disconnected(ConnId(1), t0);
+        r.handle_timeout(t0 + r.config.broadcast_delay);
+        let deltas: Vec<Rc<[Message<'static>]>> = drain(&mut r)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Broadcast(conns, frames) if conns == [ConnId(2)] => Some(frames),
+                _ => None,
+            })
+            .collect();
+        let [delta] = &deltas[..] else {
+            panic!("{deltas:?}");
+        };
+        assert!(
+            matches!(&delta[..], [Message::PeerDelta { added, removed }]
+                if added.iter().map(|p| p.id).eq([PeerId(2)]) && removed == &[PeerId(1)]),
+            "{delta:?}"
+        );
+        check_invariants(&r);
     }
 }

@@ -216,6 +216,24 @@ impl Server {
                         touched.push(id);
                     }
                 }
+                Action::SendShared(id, msgs) => {
+                    if let Some(conn) = self.conns.get_mut(id.0) {
+                        for msg in msgs.iter() {
+                            conn.send(msg);
+                        }
+                        touched.push(id);
+                    }
+                }
+                Action::Broadcast(ids, msgs) => {
+                    for id in ids {
+                        if let Some(conn) = self.conns.get_mut(id.0) {
+                            for msg in msgs.iter() {
+                                conn.send(msg);
+                            }
+                            touched.push(id);
+                        }
+                    }
+                }
                 Action::Close(id) => self.close(id),
             }
         }

@@ -16,6 +16,10 @@ use crate::wire::{
     Role,
 };
 
+/// Most entries a paged answer (or a join list) may add up to: a manager
+/// that keeps saying `more` cannot make us grow without bound.
+const MAX_LISTED: usize = 1 << 22;
+
 /// Whether this link joins the network or only asks questions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkMode {
@@ -102,6 +106,25 @@ pub enum LinkEvent {
     Refused(String),
 }
 
+/// A question sent and not yet answered in full: list answers come in
+/// pages, gathered here until the last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    WhoHas(FileName),
+    Files(Vec<NetworkFile>),
+    Peers(Vec<PeerEntry>),
+}
+
+impl Pending {
+    fn query(self) -> Query {
+        match self {
+            Pending::WhoHas(name) => Query::WhoHas(name),
+            Pending::Files(_) => Query::ListFiles,
+            Pending::Peers(_) => Query::ListPeers,
+        }
+    }
+}
+
 /// How a link that gave up had fared, for a message that says what to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unreachable {
@@ -162,12 +185,15 @@ pub struct ManagerLink {
     backoff: Duration,
     silence_timeout: Duration,
     peer_id: Option<PeerId>,
-    /// The first PeerList after a Welcome is the join list, not an answer.
+    /// The PeerList pages after a Welcome are the join list, not an answer.
     awaiting_join_list: bool,
+    /// The join list's pages so far.
+    join_pages: Vec<PeerEntry>,
     peers: BTreeMap<PeerId, SocketAddr>,
     shared: Vec<FileSummary>,
-    /// Questions sent and not yet answered, in order (answers come in order).
-    in_flight: VecDeque<Query>,
+    /// Questions sent and not yet answered, in order (answers come in order;
+    /// a paged answer's next request goes to the back).
+    in_flight: VecDeque<Pending>,
     /// Questions asked while not connected.
     queued: VecDeque<Query>,
     actions: VecDeque<LinkAction>,
@@ -192,6 +218,7 @@ impl ManagerLink {
             silence_timeout: config.silence_timeout,
             peer_id: None,
             awaiting_join_list: false,
+            join_pages: Vec::new(),
             peers: BTreeMap::new(),
             shared: Vec::new(),
             in_flight: VecDeque::new(),
@@ -284,7 +311,9 @@ impl ManagerLink {
             retry_at: now + retry_in,
         });
         self.awaiting_join_list = false;
-        for query in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+        self.join_pages.clear();
+        let in_flight = self.in_flight.drain(..).map(Pending::query);
+        for query in in_flight.chain(self.queued.drain(..)) {
             self.actions
                 .push_back(LinkAction::Event(LinkEvent::QueryFailed(query)));
         }
@@ -335,10 +364,17 @@ impl ManagerLink {
                 log::info!("registered with the manager as peer {peer_id}");
                 self.event(LinkEvent::Registered(peer_id));
             }
-            (State::Ready { .. }, Message::PeerList { peers }) if self.awaiting_join_list => {
-                self.awaiting_join_list = false;
-                self.peers = peers.into_iter().map(|p| (p.id, p.addr)).collect();
-                self.event(LinkEvent::PeersChanged);
+            (State::Ready { .. }, Message::PeerList { peers, more }) if self.awaiting_join_list => {
+                self.join_pages.extend(peers);
+                if self.join_pages.len() > MAX_LISTED {
+                    return self.protocol_error("a join list over the limit", now);
+                }
+                if !more {
+                    self.awaiting_join_list = false;
+                    let pages = std::mem::take(&mut self.join_pages);
+                    self.peers = pages.into_iter().map(|p| (p.id, p.addr)).collect();
+                    self.event(LinkEvent::PeersChanged);
+                }
             }
             (State::Ready { .. }, Message::PeerDelta { added, removed }) => {
                 for id in removed {
@@ -351,20 +387,56 @@ impl ManagerLink {
             }
             (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
             (State::Ready { .. }, Message::Pong { .. }) => {}
-            (State::Ready { .. }, Message::PeerList { peers })
-                if self.in_flight.front() == Some(&Query::ListPeers) =>
+            (State::Ready { .. }, Message::PeerList { peers, more })
+                if matches!(self.in_flight.front(), Some(Pending::Peers(_))) =>
             {
-                self.in_flight.pop_front();
-                self.event(LinkEvent::Peers(peers));
+                let Some(Pending::Peers(mut got)) = self.in_flight.pop_front() else {
+                    return; // just matched
+                };
+                let last = peers.last().map(|p| p.id);
+                got.extend(peers);
+                if got.len() > MAX_LISTED {
+                    let what = "a peer list over the limit";
+                    return self.fail_paged(Pending::Peers(got), what, now);
+                }
+                match (more, last) {
+                    (false, _) => self.event(LinkEvent::Peers(got)),
+                    (true, Some(after)) => {
+                        self.send(Message::ListPeers { after });
+                        self.in_flight.push_back(Pending::Peers(got));
+                    }
+                    (true, None) => {
+                        let what = "an empty peer page with more";
+                        self.fail_paged(Pending::Peers(got), what, now);
+                    }
+                }
             }
-            (State::Ready { .. }, Message::FileList { files })
-                if self.in_flight.front() == Some(&Query::ListFiles) =>
+            (State::Ready { .. }, Message::FileList { files, more })
+                if matches!(self.in_flight.front(), Some(Pending::Files(_))) =>
             {
-                self.in_flight.pop_front();
-                self.event(LinkEvent::Files(files));
+                let Some(Pending::Files(mut got)) = self.in_flight.pop_front() else {
+                    return; // just matched
+                };
+                let after = files.last().map(NetworkFile::cursor);
+                got.extend(files);
+                if got.len() > MAX_LISTED {
+                    let what = "a file list over the limit";
+                    return self.fail_paged(Pending::Files(got), what, now);
+                }
+                match (more, after) {
+                    (false, _) => self.event(LinkEvent::Files(got)),
+                    (true, Some(after)) => {
+                        self.send(Message::ListFiles { after: Some(after) });
+                        self.in_flight.push_back(Pending::Files(got));
+                    }
+                    (true, None) => {
+                        let what = "an empty file page with more";
+                        self.fail_paged(Pending::Files(got), what, now);
+                    }
+                }
             }
-            (State::Ready { .. }, Message::Holders { name, groups })
-                if self.in_flight.front() == Some(&Query::WhoHas(name.clone())) =>
+            (State::Ready { .. }, Message::Holders { name, groups, .. })
+                if self.in_flight.front() == Some(&Pending::WhoHas(name.clone())) =>
             {
                 self.in_flight.pop_front();
                 self.event(LinkEvent::Holders(name, groups));
@@ -373,12 +445,23 @@ impl ManagerLink {
                 self.fail(format!("manager refused: {reason} ({code:?})"), now);
             }
             (state, msg) => {
-                let msg = crate::text::debug_within(&msg, 200);
-                log::warn!("manager sent {msg} while {state}; reconnecting");
-                self.actions.push_back(LinkAction::Close);
-                self.handle_disconnected(now);
+                let what = format!("{} while {state}", crate::wire::kind_name(msg.kind()));
+                self.protocol_error(&what, now);
             }
         }
+    }
+
+    /// A paged answer went wrong: the question goes back to the head of
+    /// `in_flight`, so the disconnect fails it like every other.
+    fn fail_paged(&mut self, pending: Pending, what: &str, now: Instant) {
+        self.in_flight.push_front(pending);
+        self.protocol_error(what, now);
+    }
+
+    fn protocol_error(&mut self, what: &str, now: Instant) {
+        log::warn!("manager sent {what}; reconnecting");
+        self.actions.push_back(LinkAction::Close);
+        self.handle_disconnected(now);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -449,7 +532,8 @@ impl ManagerLink {
         }
         self.set_state(State::Closed);
         self.give_up_at = None;
-        for query in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+        let in_flight: Vec<Query> = self.in_flight.drain(..).map(Pending::query).collect();
+        for query in in_flight.into_iter().chain(self.queued.drain(..)) {
             self.actions
                 .push_back(LinkAction::Event(LinkEvent::QueryFailed(query)));
         }
@@ -480,13 +564,22 @@ impl ManagerLink {
     }
 
     fn send_query(&mut self, query: Query) {
-        let msg = match &query {
-            Query::WhoHas(name) => Message::WhoHas { name: name.clone() },
-            Query::ListFiles => Message::ListFiles,
-            Query::ListPeers => Message::ListPeers,
+        let (msg, pending) = match query {
+            Query::WhoHas(name) => (
+                Message::WhoHas { name: name.clone() },
+                Pending::WhoHas(name),
+            ),
+            Query::ListFiles => (
+                Message::ListFiles { after: None },
+                Pending::Files(Vec::new()),
+            ),
+            Query::ListPeers => (
+                Message::ListPeers { after: PeerId(0) },
+                Pending::Peers(Vec::new()),
+            ),
         };
         self.send(msg);
-        self.in_flight.push_back(query);
+        self.in_flight.push_back(pending);
     }
 
     fn send(&mut self, msg: Message<'static>) {
@@ -510,6 +603,22 @@ impl ManagerLink {
 mod tests {
     use super::*;
 
+    fn entry(id: u64) -> PeerEntry {
+        PeerEntry {
+            id: PeerId(id),
+            addr: ([10, 0, 0, 1], id as u16).into(),
+        }
+    }
+
+    fn sent(link: &mut ManagerLink) -> Vec<Message<'static>> {
+        std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Send(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
     const MEMBER: LinkMode = LinkMode::Member {
         listen_port: 7000,
         advertise: None,
@@ -527,6 +636,112 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn ready(mode: LinkMode, now: Instant) -> ManagerLink {
+        let mut link = ManagerLink::new(mode, LinkConfig::default(), now);
+        link.handle_timeout(now);
+        link.handle_connected(now);
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Manager,
+        };
+        link.handle_message(hello, now);
+        link
+    }
+
+    #[test]
+    fn a_paged_peer_answer_is_followed_to_the_end() {
+        let now = Instant::now();
+        let mut link = ready(LinkMode::QueryOnly, now);
+        sent(&mut link);
+        link.ask(Query::ListPeers);
+        link.ask(Query::WhoHas(FileName::new("f").unwrap()));
+        sent(&mut link);
+        let page1 = Message::PeerList {
+            peers: vec![entry(1), entry(2)],
+            more: true,
+        };
+        link.handle_message(page1, now);
+        assert_eq!(sent(&mut link), [Message::ListPeers { after: PeerId(2) }]);
+        // The WhoHas was asked first, so its answer comes before page 2.
+        let holders = Message::Holders {
+            name: FileName::new("f").unwrap(),
+            truncated: false,
+            groups: vec![],
+        };
+        link.handle_message(holders, now);
+        let page2 = Message::PeerList {
+            peers: vec![entry(5)],
+            more: false,
+        };
+        link.handle_message(page2, now);
+        let events: Vec<LinkEvent> = std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(&events[0], LinkEvent::Holders(..)), "{events:?}");
+        assert_eq!(
+            events[1],
+            LinkEvent::Peers(vec![entry(1), entry(2), entry(5)])
+        );
+        assert!(link.is_ready());
+    }
+
+    #[test]
+    fn a_paged_join_list_is_applied_once_whole() {
+        let now = Instant::now();
+        let mode = LinkMode::Member {
+            listen_port: 7000,
+            advertise: None,
+        };
+        let mut link = ready(mode, now);
+        let welcome = Message::Welcome {
+            peer_id: PeerId(3),
+            heartbeat_ms: 1000,
+            peer_timeout_ms: 3000,
+        };
+        link.handle_message(welcome, now);
+        let pages = [vec![entry(1), entry(2)], vec![entry(3)]];
+        for (k, peers) in pages.into_iter().enumerate() {
+            let more = k == 0;
+            link.handle_message(Message::PeerList { peers, more }, now);
+            assert_eq!(link.peers().len(), if more { 0 } else { 3 });
+        }
+        let delta = Message::PeerDelta {
+            added: vec![entry(4)],
+            removed: vec![PeerId(1)],
+        };
+        link.handle_message(delta, now);
+        let ids: Vec<u64> = link.peers().keys().map(|p| p.0).collect();
+        assert_eq!(ids, [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_manager_that_pages_without_entries_fails_the_question_once() {
+        let now = Instant::now();
+        let mut link = ready(LinkMode::QueryOnly, now);
+        link.ask(Query::ListFiles);
+        sent(&mut link);
+        let bad = Message::FileList {
+            files: vec![],
+            more: true,
+        };
+        link.handle_message(bad, now);
+        let events: Vec<LinkEvent> = std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        let failed = events
+            .iter()
+            .filter(|e| **e == LinkEvent::QueryFailed(Query::ListFiles))
+            .count();
+        assert_eq!(failed, 1, "{events:?}");
+        assert!(!link.is_ready());
     }
 
     /// Every connect is refused: runs the link to each deadline until `end`.
@@ -601,7 +816,7 @@ mod tests {
         let sent = drain(&mut link);
         assert_eq!(
             sent.last(),
-            Some(&LinkAction::Send(Message::ListFiles)),
+            Some(&LinkAction::Send(Message::ListFiles { after: None })),
             "{sent:?}"
         );
     }

@@ -135,7 +135,11 @@ pub const SOURCE_TRANSFERRING: Accept = Accept::new(
 /// The manager, before a client's hello.
 pub const MANAGER_BEFORE_HELLO: Accept = Accept::new(
     "before hello",
-    &[(kind::HELLO, CONTROL), (kind::GOODBYE, CONTROL)],
+    &[
+        (kind::HELLO, CONTROL),
+        (kind::ERROR, CONTROL),
+        (kind::GOODBYE, CONTROL),
+    ],
 );
 
 /// The manager, from a client that said hello but has not registered: it

@@ -72,6 +72,7 @@ impl DecodeError {
         match self {
             DecodeError::BadFileName(_) => super::ErrorCode::NotFound,
             DecodeError::BadMagic(_) => super::ErrorCode::Incompatible,
+            DecodeError::TooLong { .. } => super::ErrorCode::Limit,
             _ => super::ErrorCode::Protocol,
         }
     }

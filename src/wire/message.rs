@@ -7,14 +7,16 @@ use byteorder::{BigEndian, ByteOrder, WriteBytesExt};
 
 use super::cursor::Cursor;
 use super::types::{
-    ErrorCode, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry, PeerId, Role,
+    ErrorCode, FileCursor, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry,
+    PeerId, Role,
 };
 use super::{
     DecodeError, HEADER_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_NAME_LEN, MAX_REASON_LEN,
-    MIN_CHUNK_SIZE,
+    MAX_SHARE_FILES_BODY, MIN_CHUNK_SIZE,
 };
 use crate::text;
 
+/// The kind byte of every frame (section 4 of docs/PROTOCOL.md).
 pub mod kind {
     pub const HELLO: u8 = 0x01;
     pub const ERROR: u8 = 0x02;
@@ -39,9 +41,9 @@ pub mod kind {
 }
 
 /// Limit for frames that carry lists (peers, files, holders).
-const LIST_BODY_MAX: usize = 8 << 20;
+pub const LIST_BODY_MAX: usize = 8 << 20;
 /// Limit for every fixed-size or short control frame.
-const SMALL_BODY_MAX: usize = 4 << 10;
+pub const SMALL_BODY_MAX: usize = 4 << 10;
 /// Smallest encoded socket address (IPv4: family, 4 bytes, port).
 const MIN_ADDR_LEN: usize = 1 + 4 + 2;
 const MIN_PEER_ENTRY_LEN: usize = 8 + MIN_ADDR_LEN;
@@ -85,9 +87,12 @@ pub enum Message<'a> {
         heartbeat_ms: u32,
         peer_timeout_ms: u32,
     },
-    /// The whole list of live peers (on join, and in answer to `ListPeers`).
+    /// Live peers in id order, one page: on join the pages follow each other
+    /// (`more` set on all but the last); in answer to `ListPeers`, one page,
+    /// and `more` means ask again after the last id.
     PeerList {
         peers: Vec<PeerEntry>,
+        more: bool,
     },
     /// Changes since the last list or delta this connection was sent.
     PeerDelta {
@@ -102,18 +107,30 @@ pub enum Message<'a> {
     WhoHas {
         name: FileName,
     },
-    /// The holders of `name`, grouped by version (root hash).
+    /// The holders of `name`, grouped by version (root hash), most-held
+    /// first. `truncated`: some versions or holders were left out (limits
+    /// in `wire`).
     Holders {
         name: FileName,
+        truncated: bool,
         groups: Vec<HolderGroup>,
     },
-    /// Ask for every file on the network; answered by `FileList`.
-    ListFiles,
+    /// Ask for one page of the files on the network, strictly after `after`
+    /// (from the start if `None`); answered by `FileList`.
+    ListFiles {
+        after: Option<FileCursor>,
+    },
+    /// One page of files in (name, root, size) order; `more`: ask again
+    /// with the last entry as the cursor.
     FileList {
         files: Vec<NetworkFile>,
+        more: bool,
     },
-    /// Ask for the live peers; answered by `PeerList`.
-    ListPeers,
+    /// Ask for one page of live peers with ids above `after` (0: from the
+    /// start); answered by `PeerList`.
+    ListPeers {
+        after: PeerId,
+    },
 
     /// Peer -> peer: describe `name` (only the version `root`, if given).
     GetManifest {
@@ -142,6 +159,13 @@ pub enum Message<'a> {
         root: Hash,
         index: u32,
     },
+}
+
+impl Message<'_> {
+    /// This message's kind byte.
+    pub fn kind(&self) -> u8 {
+        message_kind(self)
+    }
 }
 
 /// The name of a kind byte, for logs ("unknown" for kinds we do not know).
@@ -177,11 +201,8 @@ pub fn max_body_len(kind: u8) -> Option<usize> {
     Some(match kind {
         kind::CHUNK => 4 + MAX_CHUNK_SIZE as usize,
         kind::MANIFEST => 32 + 8 + 4 + 4 + 32 * MAX_CHUNKS as usize,
-        kind::PEER_LIST
-        | kind::PEER_DELTA
-        | kind::SHARE_FILES
-        | kind::HOLDERS
-        | kind::FILE_LIST => LIST_BODY_MAX,
+        kind::SHARE_FILES => MAX_SHARE_FILES_BODY,
+        kind::PEER_LIST | kind::PEER_DELTA | kind::HOLDERS | kind::FILE_LIST => LIST_BODY_MAX,
         kind::HELLO
         | kind::ERROR
         | kind::GOODBYE
@@ -269,6 +290,7 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
         },
         kind::PEER_LIST => Message::PeerList {
             peers: read_peer_entries(c)?,
+            more: read_flag(c, "more flag")?,
         },
         kind::PEER_DELTA => {
             let added = read_peer_entries(c)?;
@@ -296,19 +318,35 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
         },
         kind::HOLDERS => {
             let name = read_name(c)?;
-            let n = c.count(32 + 8 + 4)?;
+            let truncated = read_flag(c, "truncated flag")?;
+            let n = c.count(32 + 8 + 4 + 4)?;
             let groups = (0..n)
                 .map(|_| {
                     Ok(HolderGroup {
                         root: Hash(c.array()?),
                         size: c.u64()?,
+                        holders: c.u32()?,
                         peers: read_peer_entries(c)?,
                     })
                 })
                 .collect::<Result<_, DecodeError>>()?;
-            Message::Holders { name, groups }
+            Message::Holders {
+                name,
+                truncated,
+                groups,
+            }
         }
-        kind::LIST_FILES => Message::ListFiles,
+        kind::LIST_FILES => {
+            let after = match read_flag(c, "cursor flag")? {
+                false => None,
+                true => Some(FileCursor {
+                    name: read_name(c)?,
+                    root: Hash(c.array()?),
+                    size: c.u64()?,
+                }),
+            };
+            Message::ListFiles { after }
+        }
         kind::FILE_LIST => {
             let n = c.count(2 + 1 + 8 + 32 + 4)?;
             let files = (0..n)
@@ -321,9 +359,14 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
                     })
                 })
                 .collect::<Result<_, DecodeError>>()?;
-            Message::FileList { files }
+            Message::FileList {
+                files,
+                more: read_flag(c, "more flag")?,
+            }
         }
-        kind::LIST_PEERS => Message::ListPeers,
+        kind::LIST_PEERS => Message::ListPeers {
+            after: PeerId(c.u64()?),
+        },
         kind::GET_MANIFEST => {
             let name = read_name(c)?;
             let root = match c.u8()? {
@@ -367,6 +410,15 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
         },
         other => return Err(DecodeError::UnknownKind(other)),
     })
+}
+
+/// A `u8` that must be 0 or 1.
+fn read_flag(c: &mut Cursor<'_>, what: &'static str) -> Result<bool, DecodeError> {
+    match c.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(c.bad(what)),
+    }
 }
 
 fn read_name(c: &mut Cursor<'_>) -> Result<FileName, DecodeError> {
@@ -488,9 +540,9 @@ fn message_kind(msg: &Message<'_>) -> u8 {
         Message::ShareFiles { .. } => kind::SHARE_FILES,
         Message::WhoHas { .. } => kind::WHO_HAS,
         Message::Holders { .. } => kind::HOLDERS,
-        Message::ListFiles => kind::LIST_FILES,
+        Message::ListFiles { .. } => kind::LIST_FILES,
         Message::FileList { .. } => kind::FILE_LIST,
-        Message::ListPeers => kind::LIST_PEERS,
+        Message::ListPeers { .. } => kind::LIST_PEERS,
         Message::GetManifest { .. } => kind::GET_MANIFEST,
         Message::Manifest { .. } => kind::MANIFEST,
         Message::GetChunk { .. } => kind::GET_CHUNK,
@@ -510,7 +562,17 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
             put_u16(out, *code as u16);
             put_str(out, truncate_utf8(reason, MAX_REASON_LEN));
         }
-        Message::Goodbye | Message::ListFiles | Message::ListPeers => {}
+        Message::Goodbye => {}
+        Message::ListFiles { after } => match after {
+            None => out.push(0),
+            Some(c) => {
+                out.push(1);
+                put_str(out, c.name.as_str());
+                out.extend_from_slice(&c.root.0);
+                put_u64(out, c.size);
+            }
+        },
+        Message::ListPeers { after } => put_u64(out, after.0),
         Message::Ping { nonce } | Message::Pong { nonce } => put_u64(out, *nonce),
         Message::Register {
             listen_port,
@@ -528,7 +590,10 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
             put_u32(out, *heartbeat_ms);
             put_u32(out, *peer_timeout_ms);
         }
-        Message::PeerList { peers } => put_peer_entries(out, peers),
+        Message::PeerList { peers, more } => {
+            put_peer_entries(out, peers);
+            out.push(u8::from(*more));
+        }
         Message::PeerDelta { added, removed } => {
             put_peer_entries(out, added);
             put_u32(out, removed.len() as u32);
@@ -545,16 +610,22 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
             }
         }
         Message::WhoHas { name } => put_str(out, name.as_str()),
-        Message::Holders { name, groups } => {
+        Message::Holders {
+            name,
+            truncated,
+            groups,
+        } => {
             put_str(out, name.as_str());
+            out.push(u8::from(*truncated));
             put_u32(out, groups.len() as u32);
             for g in groups {
                 out.extend_from_slice(&g.root.0);
                 put_u64(out, g.size);
+                put_u32(out, g.holders);
                 put_peer_entries(out, &g.peers);
             }
         }
-        Message::FileList { files } => {
+        Message::FileList { files, more } => {
             put_u32(out, files.len() as u32);
             for f in files {
                 put_str(out, f.name.as_str());
@@ -562,6 +633,7 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
                 out.extend_from_slice(&f.root.0);
                 put_u32(out, f.holders);
             }
+            out.push(u8::from(*more));
         }
         Message::GetManifest { name, root } => {
             put_str(out, name.as_str());

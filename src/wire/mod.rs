@@ -17,11 +17,12 @@ mod tests;
 pub use accept::Accept;
 pub use error::DecodeError;
 pub use message::{
-    Message, decode, encode, encode_chunk_header, encode_manifest, encode_manifest_hashes,
-    encode_manifest_prefix, kind_name, max_body_len, peek_header,
+    LIST_BODY_MAX, Message, SMALL_BODY_MAX, decode, encode, encode_chunk_header, encode_manifest,
+    encode_manifest_hashes, encode_manifest_prefix, kind, kind_name, max_body_len, peek_header,
 };
 pub use types::{
-    ErrorCode, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry, PeerId, Role,
+    ErrorCode, FileCursor, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry,
+    PeerId, Role,
 };
 
 /// Four bytes that open every hello: "SHOL". Lets either side spot a stranger
@@ -29,7 +30,10 @@ pub use types::{
 pub const MAGIC: [u8; 4] = *b"SHOL";
 
 /// Bumped on any incompatible change to a frame layout.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: `ListFiles`/`ListPeers` carry a cursor and `FileList`/`PeerList`
+/// a `more` flag (paged answers); `Holders` carries a `truncated` flag and a
+/// holder count per group.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;
@@ -50,3 +54,28 @@ pub const MAX_NAME_LEN: usize = 255;
 
 /// Longest human-readable reason in an error frame.
 pub const MAX_REASON_LEN: usize = 1024;
+
+/// Largest file a manifest can describe (2^19 chunks of 4 MiB = 2 TiB); a
+/// share claiming more is a lie and is refused.
+pub const MAX_FILE_SIZE: u64 = MAX_CHUNKS as u64 * MAX_CHUNK_SIZE as u64;
+
+/// Most distinct files one registration may share. Bounds the cost of one
+/// `ShareFiles` (the manager re-indexes the whole set) and of a leave.
+pub const MAX_SHARED_FILES: usize = 4096;
+
+/// Largest `ShareFiles` body: [`MAX_SHARED_FILES`] entries of the longest
+/// name (2 + 255 + 8 + 32 bytes each) plus the count.
+pub const MAX_SHARE_FILES_BODY: usize = 4 + MAX_SHARED_FILES * (2 + MAX_NAME_LEN + 8 + 32);
+
+/// Most entries in one `FileList` page (each at most 301 bytes: 1.2 MB).
+pub const FILE_PAGE: usize = 4096;
+
+/// Most peers in one `PeerList` page, and in each list of one `PeerDelta`
+/// (each at most 27 bytes: 221 KB).
+pub const PEER_PAGE: usize = 8192;
+
+/// Most versions one `Holders` answer lists (the most-held first).
+pub const MAX_HOLDER_GROUPS: usize = 32;
+
+/// Most peers listed per version in one `Holders` answer.
+pub const MAX_HOLDERS_PER_GROUP: usize = 256;

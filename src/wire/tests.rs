@@ -207,19 +207,24 @@ fn peer_list_cases() -> Vec<Case> {
                         addr: v6(Ipv6Addr::LOCALHOST, 7002),
                     },
                 ],
+                more: true,
             },
             cat(&[
-                &[0, 0, 0, 0x2f, 0x12],
+                &[0, 0, 0, 0x30, 0x12],
                 &[0, 0, 0, 2],
                 &[0, 0, 0, 0, 0, 0, 0, 1, 0x04, 10, 0, 0, 1, 0x1b, 0x59],
                 &[0, 0, 0, 0, 0, 0, 0, 2, 0x06],
                 &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
                 &[0x1b, 0x5a],
+                &[0x01],
             ]),
         ),
         (
-            Message::PeerList { peers: vec![] },
-            vec![0, 0, 0, 5, 0x12, 0, 0, 0, 0],
+            Message::PeerList {
+                peers: vec![],
+                more: false,
+            },
+            vec![0, 0, 0, 6, 0x12, 0, 0, 0, 0, 0x00],
         ),
     ]
 }
@@ -303,10 +308,12 @@ fn holders_cases() -> Vec<Case> {
         (
             Message::Holders {
                 name: name("a.txt"),
+                truncated: true,
                 groups: vec![
                     HolderGroup {
                         root: Hash([0xaa; 32]),
                         size: 1000,
+                        holders: 3,
                         peers: vec![PeerEntry {
                             id: PeerId(1),
                             addr: v4(10, 0, 0, 1, 7001),
@@ -315,36 +322,62 @@ fn holders_cases() -> Vec<Case> {
                     HolderGroup {
                         root: Hash([0xbb; 32]),
                         size: 5,
+                        holders: 0,
                         peers: vec![],
                     },
                 ],
             },
             cat(&[
-                &[0, 0, 0, 0x73, 0x16],
+                &[0, 0, 0, 0x7c, 0x16],
                 &[0x00, 0x05],
                 b"a.txt",
+                &[0x01],
                 &[0, 0, 0, 2],
                 &[0xaa; 32],
                 &[0, 0, 0, 0, 0, 0, 0x03, 0xe8],
+                &[0, 0, 0, 3],
                 &[0, 0, 0, 1],
                 &[0, 0, 0, 0, 0, 0, 0, 1, 0x04, 10, 0, 0, 1, 0x1b, 0x59],
                 &[0xbb; 32],
                 &[0, 0, 0, 0, 0, 0, 0, 5],
+                &[0, 0, 0, 0],
                 &[0, 0, 0, 0],
             ]),
         ),
         (
             Message::Holders {
                 name: name("x"),
+                truncated: false,
                 groups: vec![],
             },
-            vec![0, 0, 0, 8, 0x16, 0x00, 0x01, b'x', 0, 0, 0, 0],
+            vec![0, 0, 0, 9, 0x16, 0x00, 0x01, b'x', 0x00, 0, 0, 0, 0],
         ),
     ]
 }
 
 fn list_files_cases() -> Vec<Case> {
-    vec![(Message::ListFiles, vec![0, 0, 0, 1, 0x17])]
+    vec![
+        (
+            Message::ListFiles { after: None },
+            vec![0, 0, 0, 2, 0x17, 0x00],
+        ),
+        (
+            Message::ListFiles {
+                after: Some(FileCursor {
+                    name: name("a.txt"),
+                    root: Hash([0xaa; 32]),
+                    size: 1000,
+                }),
+            },
+            cat(&[
+                &[0, 0, 0, 0x31, 0x17, 0x01],
+                &[0x00, 0x05],
+                b"a.txt",
+                &[0xaa; 32],
+                &[0, 0, 0, 0, 0, 0, 0x03, 0xe8],
+            ]),
+        ),
+    ]
 }
 
 fn file_list_cases() -> Vec<Case> {
@@ -356,21 +389,28 @@ fn file_list_cases() -> Vec<Case> {
                 root: Hash([0xaa; 32]),
                 holders: 3,
             }],
+            more: true,
         },
         cat(&[
-            &[0, 0, 0, 0x38, 0x18],
+            &[0, 0, 0, 0x39, 0x18],
             &[0, 0, 0, 1],
             &[0x00, 0x05],
             b"a.txt",
             &[0, 0, 0, 0, 0, 0, 0x03, 0xe8],
             &[0xaa; 32],
             &[0, 0, 0, 3],
+            &[0x01],
         ]),
     )]
 }
 
 fn list_peers_cases() -> Vec<Case> {
-    vec![(Message::ListPeers, vec![0, 0, 0, 1, 0x19])]
+    vec![(
+        Message::ListPeers {
+            after: PeerId(0x0102_0304_0506_0708),
+        },
+        vec![0, 0, 0, 9, 0x19, 1, 2, 3, 4, 5, 6, 7, 8],
+    )]
 }
 
 fn get_manifest_cases() -> Vec<Case> {
@@ -500,9 +540,9 @@ fn variant(msg: &Message<'_>) -> usize {
         Message::ShareFiles { .. } => 9,
         Message::WhoHas { .. } => 10,
         Message::Holders { .. } => 11,
-        Message::ListFiles => 12,
+        Message::ListFiles { .. } => 12,
         Message::FileList { .. } => 13,
-        Message::ListPeers => 14,
+        Message::ListPeers { .. } => 14,
         Message::GetManifest { .. } => 15,
         Message::Manifest { .. } => 16,
         Message::GetChunk { .. } => 17,
@@ -891,10 +931,10 @@ fn lying_counts_fail_without_allocating() {
         frame(0x13, &cat(&[&[0, 0, 0, 0], &huge, &[0; 8]])),
         frame(0x13, &cat(&[&huge])),
         frame(0x14, &cat(&[&huge, &[0; 43]])),
-        frame(0x16, &cat(&[&[0, 1, b'a'], &huge, &[0; 44]])),
+        frame(0x16, &cat(&[&[0, 1, b'a', 0], &huge, &[0; 48]])),
         frame(
             0x16,
-            &cat(&[&[0, 1, b'a', 0, 0, 0, 1], &[0; 40], &huge, &[0; 15]]),
+            &cat(&[&[0, 1, b'a', 0, 0, 0, 0, 1], &[0; 44], &huge, &[0; 15]]),
         ),
         frame(0x18, &cat(&[&huge, &[0; 47]])),
         frame(
@@ -986,7 +1026,7 @@ fn hostile_reasons_are_sanitized_at_decode() {
 
 #[test]
 fn unknown_error_codes_decode_as_other() {
-    for code in [0x0000u16, 0x0007, 0x0042, 0x8000, 0xfffe, 0xffff] {
+    for code in [0x0000u16, 0x0008, 0x0042, 0x8000, 0xfffe, 0xffff] {
         let body = cat(&[&code.to_be_bytes(), &[0, 1, b'?']]);
         assert_eq!(
             decode(&frame(0x02, &body)).unwrap().unwrap().0,

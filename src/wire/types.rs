@@ -133,6 +133,9 @@ pub enum ErrorCode {
     Busy = 0x0005,
     /// The server hit a local problem (unreadable file, ...).
     Internal = 0x0006,
+    /// The frame broke a documented limit (too many files, two versions of
+    /// one name, an absurd size, a frame too long for the sender's state).
+    Limit = 0x0007,
     /// A code this build does not know (kept so newer peers can add codes).
     Other = 0xffff,
 }
@@ -146,6 +149,7 @@ impl ErrorCode {
             0x0004 => ErrorCode::OutOfRange,
             0x0005 => ErrorCode::Busy,
             0x0006 => ErrorCode::Internal,
+            0x0007 => ErrorCode::Limit,
             _ => ErrorCode::Other,
         }
     }
@@ -175,12 +179,36 @@ pub struct NetworkFile {
     pub holders: u32,
 }
 
-/// The peers holding one version of a file.
+/// The peers holding one version of a file. `holders` is how many live
+/// registrations hold it (one vote each); `peers` may list only some of them
+/// (at most [`super::MAX_HOLDERS_PER_GROUP`]), so choose versions by `holders`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HolderGroup {
     pub root: Hash,
     pub size: u64,
+    pub holders: u32,
     pub peers: Vec<PeerEntry>,
+}
+
+/// Where a `ListFiles` page starts: strictly after this (name, root, size),
+/// the order `FileList` entries come in. A key, not an offset, so a page
+/// costs the manager O(page) and stays correct while the index changes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FileCursor {
+    pub name: FileName,
+    pub root: Hash,
+    pub size: u64,
+}
+
+impl NetworkFile {
+    /// The cursor that asks for the page after this entry.
+    pub fn cursor(&self) -> FileCursor {
+        FileCursor {
+            name: self.name.clone(),
+            root: self.root,
+            size: self.size,
+        }
+    }
 }
 
 #[cfg(test)]

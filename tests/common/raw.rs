@@ -65,7 +65,7 @@ pub const MAX_LIST_BODY: u32 = 8 << 20;
 pub const MAX_SMALL_BODY: u32 = 4096;
 
 pub const MAGIC: &[u8; 4] = b"SHOL";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 pub type Hash = [u8; 32];
 
@@ -159,12 +159,14 @@ pub fn who_has(name: &str) -> Vec<u8> {
     frame(kind::WHO_HAS, &b)
 }
 
+/// The first page of the file list (cursor flag 0).
 pub fn list_files() -> Vec<u8> {
-    frame(kind::LIST_FILES, &[])
+    frame(kind::LIST_FILES, &[0])
 }
 
+/// The first page of the peer list (after id 0).
 pub fn list_peers() -> Vec<u8> {
-    frame(kind::LIST_PEERS, &[])
+    frame(kind::LIST_PEERS, &0u64.to_be_bytes())
 }
 
 pub fn get_manifest(name: &str, root: Option<&Hash>) -> Vec<u8> {
@@ -354,11 +356,13 @@ pub struct HolderGroup {
 pub fn parse_holders(body: &[u8]) -> io::Result<(String, Vec<HolderGroup>)> {
     let mut c = Cursor::new(body);
     let name = string(&mut c)?;
+    let _truncated = c.read_u8()?;
     let n = c.read_u32::<BigEndian>()?;
     let mut groups = Vec::new();
     for _ in 0..n {
         let root = hash(&mut c)?;
         let size = c.read_u64::<BigEndian>()?;
+        let _votes = c.read_u32::<BigEndian>()?;
         let np = c.read_u32::<BigEndian>()?;
         let mut peers = Vec::new();
         for _ in 0..np {
@@ -370,7 +374,8 @@ pub fn parse_holders(body: &[u8]) -> io::Result<(String, Vec<HolderGroup>)> {
     Ok((name, groups))
 }
 
-/// Parses a `FileList` body: (name, size, root, holder count) per entry.
+/// Parses a `FileList` page: (name, size, root, holder count) per entry
+/// (the trailing `more` flag is left unread).
 pub fn parse_file_list(body: &[u8]) -> io::Result<Vec<(String, u64, Hash, u32)>> {
     let mut c = Cursor::new(body);
     let n = c.read_u32::<BigEndian>()?;

@@ -112,24 +112,25 @@ fn chunk_size() -> impl Strategy<Value = u32> {
 /// What a manager sends to a peer once the link is up (arbitrary contents).
 pub fn from_manager() -> impl Strategy<Value = Message<'static>> {
     prop_oneof![
-        2 => peers().prop_map(|peers| Message::PeerList { peers }),
+        2 => (peers(), any::<bool>()).prop_map(|(peers, more)| Message::PeerList { peers, more }),
         3 => (peers(), prop::collection::vec(peer_id(), 0..4))
             .prop_map(|(added, removed)| Message::PeerDelta { added, removed }),
         2 => any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         1 => (
             name(),
             prop::collection::vec(
-                (root(), any::<u64>(), peers()).prop_map(|(root, size, peers)| HolderGroup { root, size, peers }),
+                (root(), any::<u64>(), peers(), any::<u32>()).prop_map(|(root, size, peers, holders)| HolderGroup { root, size, peers, holders }),
                 0..3
-            )
+            ),
+            any::<bool>()
         )
-            .prop_map(|(name, groups)| Message::Holders { name, groups }),
+            .prop_map(|(name, groups, truncated)| Message::Holders { name, groups, truncated }),
         1 => prop::collection::vec(
             (name(), any::<u64>(), root(), any::<u32>())
                 .prop_map(|(name, size, root, holders)| NetworkFile { name, size, root, holders }),
             0..4
         )
-        .prop_map(|files| Message::FileList { files }),
+        .prop_flat_map(|files| any::<bool>().prop_map(move |more| Message::FileList { files: files.clone(), more })),
     ]
 }
 
@@ -152,7 +153,7 @@ pub fn message() -> impl Strategy<Value = Message<'static>> {
             heartbeat_ms: h,
             peer_timeout_ms: t,
         }),
-        1 => peers().prop_map(|peers| Message::PeerList { peers }),
+        1 => (peers(), any::<bool>()).prop_map(|(peers, more)| Message::PeerList { peers, more }),
         1 => (peers(), prop::collection::vec(peer_id(), 0..4))
             .prop_map(|(added, removed)| Message::PeerDelta { added, removed }),
         2 => prop::collection::vec(
@@ -164,19 +165,20 @@ pub fn message() -> impl Strategy<Value = Message<'static>> {
         1 => (
             name(),
             prop::collection::vec(
-                (root(), any::<u64>(), peers()).prop_map(|(root, size, peers)| HolderGroup { root, size, peers }),
+                (root(), any::<u64>(), peers(), any::<u32>()).prop_map(|(root, size, peers, holders)| HolderGroup { root, size, peers, holders }),
                 0..3
-            )
+            ),
+            any::<bool>()
         )
-            .prop_map(|(name, groups)| Message::Holders { name, groups }),
-        1 => Just(Message::ListFiles),
+            .prop_map(|(name, groups, truncated)| Message::Holders { name, groups, truncated }),
+        1 => Just(Message::ListFiles { after: None }),
         1 => prop::collection::vec(
             (name(), any::<u64>(), root(), any::<u32>())
                 .prop_map(|(name, size, root, holders)| NetworkFile { name, size, root, holders }),
             0..4
         )
-        .prop_map(|files| Message::FileList { files }),
-        1 => Just(Message::ListPeers),
+        .prop_flat_map(|files| any::<bool>().prop_map(move |more| Message::FileList { files: files.clone(), more })),
+        1 => (0u64..8).prop_map(|id| Message::ListPeers { after: shoal::wire::PeerId(id) }),
         3 => (name(), prop::option::of(root())).prop_map(|(name, root)| Message::GetManifest { name, root }),
         1 => (root(), any::<u64>(), chunk_size(), prop::collection::vec(any::<[u8; 32]>().prop_map(Hash), 0..4))
             .prop_map(|(root, size, chunk_size, hashes)| Message::Manifest { root, size, chunk_size, hashes }),

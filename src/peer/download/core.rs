@@ -293,7 +293,7 @@ impl Download {
         }
         groups.retain(|g| !g.peers.is_empty());
         // Most holders first; the root breaks ties so the choice is stable.
-        groups.sort_by(|a, b| b.peers.len().cmp(&a.peers.len()).then(a.root.cmp(&b.root)));
+        groups.sort_by(|a, b| b.holders.cmp(&a.holders).then(a.root.cmp(&b.root)));
         let wanted = self.target.as_ref().map(|t| t.root).or(self.request.hash);
         let chosen = match wanted {
             Some(root) => groups.iter().find(|g| g.root == root),

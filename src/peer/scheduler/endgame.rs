@@ -37,6 +37,13 @@ impl Scheduler {
             .map(|(&id, s)| (s.chunk_time(self.avg_len, now), id))
             .collect();
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // A source that has delivered nothing yet may be one that never
+        // will: while any source has proven itself, duplicates go only to
+        // proven ones, or a chunk could sit at two silent sources until
+        // both stall out.
+        if order.first().is_some_and(|(tau, _)| tau.is_finite()) {
+            order.retain(|(tau, _)| tau.is_finite());
+        }
         for (tau, id) in order {
             loop {
                 let src = &self.sources[&id];
