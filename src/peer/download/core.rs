@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::GetRequest;
 use super::outcome::{DownloadError, DownloadOutcome, DownloadSummary};
 use crate::net::earliest;
-use crate::peer::scheduler::{self, Arrival, Scheduler, SchedulerConfig, SourceId};
+use crate::peer::scheduler::{self, Arrival, DropReason, Scheduler, SchedulerConfig, SourceId};
 use crate::store::{Manifest, hash_chunk};
 use crate::wire::{
     Accept, ErrorCode, FileName, Hash, HolderGroup, Message, PROTOCOL_VERSION, PeerEntry, PeerId,
@@ -894,6 +894,15 @@ impl Download {
             scheduler::Action::DropSource { source, reason } => {
                 if let Some(s) = self.sources.get(&source) {
                     log::warn!("dropping peer {} at {}: {reason}", s.peer, s.addr);
+                    let peer = s.peer;
+                    match reason {
+                        // Not asked again at once: the next "who has" would
+                        // hand it straight back, ahead of holders untried.
+                        DropReason::Stalled => self.back_off(peer, self.last_now),
+                        DropReason::Corrupt | DropReason::Unrequested => {
+                            self.banned.insert(peer);
+                        }
+                    }
                 }
                 // The scheduler already forgot it.
                 if let Some(s) = self.sources.get_mut(&source) {

@@ -805,7 +805,6 @@ fn bad_behaviour(rng: &mut Rng) -> Behaviour {
 }
 
 #[test]
-#[ignore = "hangs: a stalled source is reconnected at once (seed 7)"]
 fn manifest_falls_back_past_holders_that_never_answer() {
     each_seed(
         SEEDS,
@@ -819,6 +818,28 @@ fn manifest_falls_back_past_holders_that_never_answer() {
             holders.extend((0..rng.usize(1..3)).map(|_| honest(rng)));
             let mut scn = Scenario::new(small_size(rng), holders);
             scn.config.max_sources = rng.usize(1..9);
+            scn
+        },
+        |seed, _, r| {
+            done(seed, r);
+        },
+    );
+}
+
+/// Regression: the scheduler's Stalled drop neither banned nor backed off
+/// the holder, so the next "who has" handed the same stallers straight back
+/// ahead of the honest holder listed after them, forever.
+#[test]
+fn stalling_holders_listed_first_do_not_crowd_out_a_good_one() {
+    each_seed(
+        SEEDS,
+        |rng| {
+            let mut holders: Vec<HolderSpec> = (0..rng.usize(2..5))
+                .map(|_| HolderSpec::random(rng, Behaviour::ManifestOnly))
+                .collect();
+            holders.push(honest(rng));
+            let mut scn = Scenario::new(small_size(rng), holders);
+            scn.config.max_sources = rng.usize(1..scn.holders.len());
             scn
         },
         |seed, _, r| {
