@@ -319,7 +319,12 @@ impl Download {
             self.set_phase(Phase::Manifest);
         }
         self.target = Some(group.clone());
-        for holder in group.peers {
+        let mut holders = group.peers;
+        // Untried holders first, then those that failed least (the sort is
+        // stable): one that keeps failing, back again each time its backoff
+        // ends, must not crowd out holders listed after it.
+        holders.sort_by_key(|p| self.backoff.get(&p.id).map(|b| b.delay));
+        for holder in holders {
             if self.sources.len() >= self.config.max_sources {
                 break;
             }

@@ -828,7 +828,9 @@ fn manifest_falls_back_past_holders_that_never_answer() {
 
 /// Regression: the scheduler's Stalled drop neither banned nor backed off
 /// the holder, so the next "who has" handed the same stallers straight back
-/// ahead of the honest holder listed after them, forever.
+/// ahead of the honest holder listed after them, forever. Then, backed off
+/// but back each time the backoff ended, they still came first in list
+/// order, ahead of the honest holder never tried.
 #[test]
 fn stalling_holders_listed_first_do_not_crowd_out_a_good_one() {
     each_seed(
@@ -842,8 +844,18 @@ fn stalling_holders_listed_first_do_not_crowd_out_a_good_one() {
             scn.config.max_sources = rng.usize(1..scn.holders.len());
             scn
         },
-        |seed, _, r| {
+        |seed, scn, r| {
             done(seed, r);
+            // No staller is tried twice before the honest holder once.
+            let good = scn.holders.len() - 1;
+            let first = r.connect_at[good][0];
+            for (k, at) in r.connect_at[..good].iter().enumerate() {
+                let before = at.iter().filter(|&&t| t < first).count();
+                assert!(
+                    before <= 1,
+                    "seed {seed}: holder {k} tried {before} times first"
+                );
+            }
         },
     );
 }
