@@ -38,7 +38,9 @@ pub struct DownloadConfig {
     /// First wait before asking the manager again; doubles to `locate_max`.
     pub locate_retry: Duration,
     pub locate_max: Duration,
-    /// With no source at all for this long, the download fails.
+    /// With nothing from any source (the manifest, a verified chunk) for
+    /// this long, the download fails: holders that accept and then say
+    /// nothing count as none.
     pub no_source_limit: Duration,
     /// Answers in a row that list other versions but not ours before the
     /// download ends with `VersionGone`.
@@ -173,7 +175,9 @@ pub struct Download {
     scheduler: Option<Scheduler>,
     started: Instant,
     resumed_bytes: u64,
-    no_source_since: Option<Instant>,
+    /// When a source last gave something (the manifest, a verified chunk),
+    /// or the download started or its file was opened.
+    progress_at: Instant,
     next_save: Option<Instant>,
     peers_used: HashSet<PeerId>,
     actions: VecDeque<Action>,
@@ -209,7 +213,7 @@ impl Download {
             scheduler: None,
             started: now,
             resumed_bytes: 0,
-            no_source_since: Some(now),
+            progress_at: now,
             next_save: None,
             peers_used: HashSet::new(),
             actions: VecDeque::new(),
@@ -368,7 +372,6 @@ impl Download {
         if let Link::Connecting { .. } = s.link {
             s.link = Link::AwaitingHello { since: now };
             log::debug!("connected to peer {} at {}", s.peer, s.addr);
-            self.no_source_since = None;
             self.send(
                 source,
                 Message::Hello {
@@ -471,6 +474,7 @@ impl Download {
         };
         match result {
             Ok(()) => {
+                self.progress_at = now;
                 sched.handle_chunk_verified(source, index, now);
                 if let Some(s) = self.sources.get(&source) {
                     self.peers_used.insert(s.peer);
@@ -537,6 +541,9 @@ impl Download {
             .collect();
         self.scheduler = Some(Scheduler::new(lens, &have, self.config.scheduler.clone()));
         self.started = now;
+        // Re-verifying a large partial file may take long: that is no
+        // source's fault.
+        self.progress_at = now;
         self.next_save = Some(now + self.config.save_interval);
         self.set_phase(Phase::Transferring);
         let ready: Vec<SourceId> = self
@@ -604,9 +611,7 @@ impl Download {
             self.next_save = Some(now + self.config.save_interval);
             self.actions.push_back(Action::SaveProgress);
         }
-        if let Some(since) = self.no_source_since
-            && self.sources.is_empty()
-            && since + self.config.no_source_limit <= now
+        if self.progress_at + self.config.no_source_limit <= now
             && matches!(self.phase, Phase::Manifest | Phase::Transferring)
         {
             self.fail(DownloadError::Unreachable {
@@ -648,10 +653,8 @@ impl Download {
         if let Some(sched) = &self.scheduler {
             t = earliest(t, sched.poll_timeout());
         }
-        if let Some(since) = self.no_source_since
-            && self.sources.is_empty()
-        {
-            t = earliest(t, Some(since + self.config.no_source_limit));
+        if matches!(self.phase, Phase::Manifest | Phase::Transferring) {
+            t = earliest(t, Some(self.progress_at + self.config.no_source_limit));
         }
         t
     }
@@ -827,6 +830,7 @@ impl Download {
             Phase::Manifest => {
                 log::debug!("manifest: {} chunks", manifest.chunk_count());
                 self.manifest = Some(manifest);
+                self.progress_at = now;
                 self.set_phase(Phase::Preparing);
                 self.actions.push_back(Action::OpenPartial);
             }
@@ -938,9 +942,6 @@ impl Download {
             && let Some(sched) = self.scheduler.as_mut()
         {
             sched.remove_source(source, now);
-        }
-        if self.sources.is_empty() && self.no_source_since.is_none() {
-            self.no_source_since = Some(now);
         }
         self.locate_wait = self.config.locate_retry;
         self.ask_manifests(now);
