@@ -169,6 +169,8 @@ struct Result {
     finished: bool,
     /// When the partial file was opened (the manifest verified).
     opened_at: Option<u64>,
+    /// When each holder's first corrupt chunk reached the core.
+    corrupt_at: Vec<Option<u64>>,
 }
 
 struct Sim<'a> {
@@ -200,6 +202,7 @@ struct Sim<'a> {
     served: Vec<u32>,
     busy_at: Vec<Vec<u64>>,
     connect_at: Vec<Vec<u64>>,
+    corrupt_at: Vec<Option<u64>>,
     /// SIM_TRACE set: print every event and action.
     trace: bool,
 }
@@ -273,6 +276,7 @@ impl<'a> Sim<'a> {
             served: vec![0; n],
             busy_at: vec![Vec::new(); n],
             connect_at: vec![Vec::new(); n],
+            corrupt_at: vec![None; n],
             trace: std::env::var_os("SIM_TRACE").is_some(),
         };
         for (k, h) in scn.holders.iter().enumerate() {
@@ -360,6 +364,7 @@ impl<'a> Sim<'a> {
             connect_at: self.connect_at,
             finished: self.finished,
             opened_at: self.opened,
+            corrupt_at: self.corrupt_at,
         }
     }
 
@@ -449,6 +454,11 @@ impl<'a> Sim<'a> {
                         assert_eq!(stored, None, "a non-chunk frame was stored");
                     }
                     ToCore::Chunk { index, data } => {
+                        if index < self.original.manifest.chunk_count()
+                            && data != self.original.chunk(index)
+                        {
+                            self.corrupt_at[k].get_or_insert(self.now);
+                        }
                         if let Some(store) =
                             self.core
                                 .handle_message(s, Message::Chunk { index, data: &data }, now)
@@ -982,6 +992,8 @@ fn resume_fetches_only_the_missing_chunks() {
 
 #[test]
 fn every_holder_replacing_the_version_ends_version_gone() {
+    // Seeds where chunks were being fetched when the version went.
+    let mid = std::cell::Cell::new(0);
     each_seed(
         SEEDS,
         |rng| {
@@ -1006,7 +1018,15 @@ fn every_holder_replacing_the_version_ends_version_gone() {
             );
             assert!(r.end < 30 * SEC, "seed {seed}: took {}ms", r.end / MS);
             assert!(!r.finished);
+            if r.served.iter().any(|&n| n > 0) {
+                mid.set(mid.get() + 1);
+            }
         },
+    );
+    assert!(
+        mid.get() > SEEDS / 2,
+        "only {} seeds mid-transfer",
+        mid.get()
     );
 }
 
@@ -1112,5 +1132,117 @@ fn a_mix_of_bad_holders_and_one_good_one_completes() {
         |seed, _, r| {
             done(seed, r);
         },
+    );
+}
+
+#[test]
+fn corrupt_holders_are_banned_and_the_file_still_completes() {
+    each_seed(
+        SEEDS,
+        |rng| {
+            let mut holders: Vec<HolderSpec> = (0..rng.usize(1..4))
+                .map(|_| {
+                    let b = Behaviour::Corrupt(rng.u32(0..8));
+                    HolderSpec::random(rng, b)
+                })
+                .collect();
+            holders.insert(rng.usize(0..=holders.len()), honest(rng));
+            Scenario::new(small_size(rng), holders)
+        },
+        |seed, _, r| {
+            done(seed, r);
+            for (k, bad) in r.corrupt_at.iter().enumerate() {
+                if let Some(t) = *bad {
+                    assert!(
+                        r.connect_at[k].iter().all(|&c| c < t),
+                        "seed {seed}: holder {k} reconnected after a corrupt chunk"
+                    );
+                }
+            }
+        },
+    );
+}
+
+#[test]
+fn holders_vanishing_mid_transfer_leave_their_chunks_to_the_others() {
+    // Seeds where a holder served chunks and then left: the scenario tests
+    // what it says only if that is common.
+    let mid = std::cell::Cell::new(0);
+    each_seed(
+        SEEDS,
+        |rng| {
+            let mut holders: Vec<HolderSpec> = (0..rng.usize(1..5))
+                .map(|_| HolderSpec {
+                    behaviour: Behaviour::VanishAt(rng.u64(SEC / 10..SEC)),
+                    rate: rng.f64() * 400e3 + 100e3,
+                    ..honest(rng)
+                })
+                .collect();
+            let slow = HolderSpec {
+                rate: rng.f64() * 200e3 + 100e3,
+                ..honest(rng)
+            };
+            holders.insert(rng.usize(0..=holders.len()), slow);
+            let mut scn = Scenario::new(small_size(rng), holders);
+            scn.config.max_sources = rng.usize(1..9);
+            scn
+        },
+        |seed, scn, r| {
+            done(seed, r);
+            for (k, h) in scn.holders.iter().enumerate() {
+                if let Behaviour::VanishAt(t) = h.behaviour {
+                    // Once the manager stopped listing it, it is not tried.
+                    assert!(
+                        r.connect_at[k].iter().all(|&c| c <= t + scn.manager_delay),
+                        "seed {seed}: holder {k} tried after it left"
+                    );
+                    if r.served[k] > 0 && t < r.end {
+                        mid.set(mid.get() + 1);
+                    }
+                }
+            }
+        },
+    );
+    assert!(
+        mid.get() > SEEDS / 4,
+        "only {} seeds vanish mid-transfer",
+        mid.get()
+    );
+}
+
+#[test]
+fn a_holder_keeping_the_version_finishes_it_when_others_replace_theirs() {
+    let mid = std::cell::Cell::new(0);
+    each_seed(
+        SEEDS,
+        |rng| {
+            let mut holders: Vec<HolderSpec> = (0..rng.usize(1..5))
+                .map(|_| HolderSpec {
+                    behaviour: Behaviour::ReplaceAt(rng.u64(SEC / 10..SEC)),
+                    rate: rng.f64() * 400e3 + 100e3,
+                    ..honest(rng)
+                })
+                .collect();
+            holders.insert(
+                rng.usize(0..=holders.len()),
+                HolderSpec {
+                    rate: rng.f64() * 200e3 + 100e3,
+                    ..honest(rng)
+                },
+            );
+            Scenario::new(small_size(rng), holders)
+        },
+        |seed, scn, r| {
+            done(seed, r);
+            let replaced_mid = scn.holders.iter().enumerate().any(|(k, h)| {
+                matches!(h.behaviour, Behaviour::ReplaceAt(t) if t < r.end && r.served[k] > 0)
+            });
+            mid.set(mid.get() + u64::from(replaced_mid));
+        },
+    );
+    assert!(
+        mid.get() > SEEDS / 4,
+        "only {} seeds replace mid-transfer",
+        mid.get()
     );
 }
