@@ -774,8 +774,10 @@ fn each_seed(
     check: impl Fn(u64, &Scenario, &Result),
 ) {
     // SIM_SEED=n runs that seed alone (with SIM_TRACE, to read one run).
-    let only: Option<u64> = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok());
-    for seed in only.map_or(0..seeds, |s| s..s + 1) {
+    // SIM_SEEDS=n runs n seeds instead (a longer hunt).
+    let var = |name| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    let seeds = var("SIM_SEEDS").unwrap_or(seeds);
+    for seed in var("SIM_SEED").map_or(0..seeds, |s| s..s + 1) {
         let mut rng = Rng::with_seed(seed ^ 0x5ea1);
         let scn = make(&mut rng);
         let result =
@@ -880,6 +882,42 @@ fn three_silent_holders_before_an_honest_one_finish_within_5s() {
         |rng| {
             let mut holders: Vec<HolderSpec> = (0..3)
                 .map(|_| HolderSpec::random(rng, Behaviour::Silent))
+                .collect();
+            holders.push(HolderSpec {
+                behaviour: Behaviour::Honest,
+                rate: rng.f64() * 90e6 + 10e6,
+                latency: rng.u64(MS / 10..20 * MS),
+                listed_at: 0,
+            });
+            Scenario::new(2 << 20, holders)
+        },
+        |seed, _, r| {
+            done(seed, r);
+            assert!(r.end < 5 * SEC, "seed {seed}: took {}ms", r.end / MS);
+        },
+    );
+}
+
+/// Regression: the no-source clock was reset by every accepted connection
+/// and only ran with no connection at all, so holders that accept and say
+/// nothing (reconnected after each backoff) kept the download going forever.
+/// The same with holders that greet and then say nothing: once the honest
+/// holder's manifest starts the transfer, they are handed to the scheduler
+/// too. Fails for 3 of the first 200 seeds (7, 120, 172: done at 5.09 to
+/// 5.11 s): in the endgame the scheduler gives the duplicate of a chunk one
+/// such holder owes to another such holder (which has delivered nothing,
+/// while the honest one delivers a chunk a millisecond), and with
+/// `max_endgame_duplicates` = 2 the honest holder never gets a copy, so the
+/// file waits out `stall_timeout`. A scheduler matter
+/// (src/peer/scheduler/endgame.rs), not the download core's.
+#[test]
+#[ignore = "scheduler: endgame copies all on stalled sources wait out stall_timeout"]
+fn greeting_only_holders_before_an_honest_one_finish_within_5s() {
+    each_seed(
+        SEEDS,
+        |rng| {
+            let mut holders: Vec<HolderSpec> = (0..3)
+                .map(|_| HolderSpec::random(rng, Behaviour::HelloOnly))
                 .collect();
             holders.push(HolderSpec {
                 behaviour: Behaviour::Honest,
