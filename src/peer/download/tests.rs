@@ -107,6 +107,8 @@ struct Scenario {
     free_space: Option<u64>,
     /// The manager's answer takes this long.
     manager_delay: u64,
+    /// Until then the manager is away: a question to it fails.
+    manager_away_until: u64,
 }
 
 impl Scenario {
@@ -119,6 +121,7 @@ impl Scenario {
             disk_limit: None,
             free_space: None,
             manager_delay: 5 * MS,
+            manager_away_until: 0,
         }
     }
 }
@@ -134,6 +137,8 @@ enum ToCore {
 enum Event {
     /// The manager answers "who has" with its list as of now.
     Holders,
+    /// The question could not be asked: the manager is away.
+    QueryFailed,
     PeersChanged,
     Vanish(usize),
     Replace(usize),
@@ -406,6 +411,7 @@ impl<'a> Sim<'a> {
             );
         }
         match ev {
+            Event::QueryFailed => self.core.handle_query_failed(now),
             Event::Holders => {
                 let groups = self.groups();
                 self.core.handle_holders(groups, None, None, now)
@@ -570,6 +576,10 @@ impl<'a> Sim<'a> {
         match action {
             Action::AskHolders(n) => {
                 assert_eq!(n, name());
+                if self.now < self.scn.manager_away_until {
+                    // The link notices at once that it cannot ask.
+                    return self.push(self.now + MS, Event::QueryFailed);
+                }
                 let t = self.now + self.scn.manager_delay;
                 self.push(t, Event::Holders);
             }
@@ -996,7 +1006,12 @@ fn holders_listed_late_are_found() {
                     ..honest(rng)
                 })
                 .collect();
-            Scenario::new(small_size(rng), holders)
+            let mut scn = Scenario::new(small_size(rng), holders);
+            scn.manager_delay = rng.u64(MS..200 * MS);
+            if rng.bool() {
+                scn.manager_away_until = rng.u64(0..10 * SEC);
+            }
+            scn
         },
         |seed, _, r| {
             done(seed, r);
@@ -1014,6 +1029,15 @@ fn resume_fetches_only_the_missing_chunks() {
             let chunks = scn.size.div_ceil(CHUNK as usize);
             let keep = rng.f64();
             scn.have = (0..chunks).map(|_| rng.f64() < keep).collect();
+            if rng.bool() {
+                // Exactly the room the rest needs is enough.
+                let have: usize = (0..chunks)
+                    .filter(|&i| scn.have[i])
+                    .map(|i| (scn.size - i * CHUNK as usize).min(CHUNK as usize))
+                    .sum();
+                scn.free_space = Some((scn.size - have) as u64);
+                scn.disk_limit = scn.free_space;
+            }
             scn
         },
         |seed, scn, r| {
