@@ -161,6 +161,7 @@ pub struct Download {
     target: Option<HolderGroup>,
     /// Root of the same-named file already in the folder, if any.
     local_root: Option<Hash>,
+    /// "Who has" answers so far that listed no holder (before a target).
     locate_attempts: u32,
     locate_wait: Duration,
     locate_at: Option<Instant>,
@@ -673,7 +674,6 @@ impl Download {
     }
 
     fn locate(&mut self) {
-        self.locate_attempts += 1;
         self.locate_at = None;
         log::debug!("asking the manager who has {}", self.request.name);
         self.actions
@@ -718,6 +718,9 @@ impl Download {
             self.locate_at = Some(now + self.locate_wait);
             return;
         }
+        // Only answers count: a question the manager never got (it was
+        // away) says nothing about the file.
+        self.locate_attempts += 1;
         if self.locate_attempts < self.config.locate_attempts {
             self.locate_at = Some(now + self.config.locate_retry);
             return;

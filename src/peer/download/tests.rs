@@ -1308,3 +1308,29 @@ fn a_holder_keeping_the_version_finishes_it_when_others_replace_theirs() {
         mid.get()
     );
 }
+
+/// The manager restarts: away for a while, then back with the holders
+/// registering again over the next moments. Its first answers are empty,
+/// but only answers count against `locate_attempts`, not questions that
+/// could not be asked.
+#[test]
+fn a_manager_away_for_a_while_then_back_without_holders_yet() {
+    each_seed(
+        SEEDS,
+        |rng| {
+            let back = rng.u64(5 * SEC..20 * SEC);
+            let holders = (0..rng.usize(1..4))
+                .map(|_| HolderSpec {
+                    listed_at: back + rng.u64(0..2 * SEC),
+                    ..honest(rng)
+                })
+                .collect();
+            let mut scn = Scenario::new(small_size(rng), holders);
+            scn.manager_away_until = back;
+            scn
+        },
+        |seed, _, r| {
+            done(seed, r);
+        },
+    );
+}
