@@ -5,8 +5,15 @@
 //! (honest, silent, greeting only, corrupt, busy, vanishing, replacing their
 //! version); a simulated disk keeps the partial file in a `Vec<u8>`. The loop
 //! carries the core's actions out the way `node/downloads.rs` does, and
-//! time jumps to the next delivery or deadline. Every step checks the
-//! invariants (see [`Sim::check_action`] and [`Sim::step`]).
+//! time jumps to the next delivery or deadline. Checked at every step: a
+//! Send or Close names only a connection that is up and not closed; no
+//! chunk is stored twice, unverified or over one already on disk; at most
+//! `max_sources` connections; one outcome, and nothing after it; after
+//! `handle_timeout` the next deadline is in the future; Finish and Done
+//! only with the file equal to the original, byte for byte.
+//!
+//! `SIM_SEED=n` runs one seed of each scenario, `SIM_TRACE=1` prints every
+//! event and action, `SIM_SEEDS=n` hunts over more seeds.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
