@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::GetRequest;
 use super::outcome::{DownloadError, DownloadOutcome, DownloadSummary};
 use crate::net::earliest;
-use crate::peer::scheduler::{self, Arrival, Scheduler, SchedulerConfig, SourceId};
+use crate::peer::scheduler::{self, Arrival, DropReason, Scheduler, SchedulerConfig, SourceId};
 use crate::store::{Manifest, hash_chunk};
 use crate::wire::{
     Accept, ErrorCode, FileName, Hash, HolderGroup, Message, PROTOCOL_VERSION, PeerEntry, PeerId,
@@ -38,7 +38,9 @@ pub struct DownloadConfig {
     /// First wait before asking the manager again; doubles to `locate_max`.
     pub locate_retry: Duration,
     pub locate_max: Duration,
-    /// With no source at all for this long, the download fails.
+    /// With nothing from any source (the manifest, a verified chunk) for
+    /// this long, the download fails: holders that accept and then say
+    /// nothing count as none.
     pub no_source_limit: Duration,
     /// Answers in a row that list other versions but not ours before the
     /// download ends with `VersionGone`.
@@ -159,6 +161,7 @@ pub struct Download {
     target: Option<HolderGroup>,
     /// Root of the same-named file already in the folder, if any.
     local_root: Option<Hash>,
+    /// "Who has" answers so far that listed no holder (before a target).
     locate_attempts: u32,
     locate_wait: Duration,
     locate_at: Option<Instant>,
@@ -173,7 +176,9 @@ pub struct Download {
     scheduler: Option<Scheduler>,
     started: Instant,
     resumed_bytes: u64,
-    no_source_since: Option<Instant>,
+    /// When a source last gave something (the manifest, a verified chunk),
+    /// or the download started or its file was opened.
+    progress_at: Instant,
     next_save: Option<Instant>,
     peers_used: HashSet<PeerId>,
     actions: VecDeque<Action>,
@@ -209,7 +214,7 @@ impl Download {
             scheduler: None,
             started: now,
             resumed_bytes: 0,
-            no_source_since: Some(now),
+            progress_at: now,
             next_save: None,
             peers_used: HashSet::new(),
             actions: VecDeque::new(),
@@ -319,7 +324,12 @@ impl Download {
             self.set_phase(Phase::Manifest);
         }
         self.target = Some(group.clone());
-        for holder in group.peers {
+        let mut holders = group.peers;
+        // Untried holders first, then those that failed least (the sort is
+        // stable): one that keeps failing, back again each time its backoff
+        // ends, must not crowd out holders listed after it.
+        holders.sort_by_key(|p| self.backoff.get(&p.id).map(|b| b.delay));
+        for holder in holders {
             if self.sources.len() >= self.config.max_sources {
                 break;
             }
@@ -363,7 +373,6 @@ impl Download {
         if let Link::Connecting { .. } = s.link {
             s.link = Link::AwaitingHello { since: now };
             log::debug!("connected to peer {} at {}", s.peer, s.addr);
-            self.no_source_since = None;
             self.send(
                 source,
                 Message::Hello {
@@ -466,6 +475,7 @@ impl Download {
         };
         match result {
             Ok(()) => {
+                self.progress_at = now;
                 sched.handle_chunk_verified(source, index, now);
                 if let Some(s) = self.sources.get(&source) {
                     self.peers_used.insert(s.peer);
@@ -532,6 +542,9 @@ impl Download {
             .collect();
         self.scheduler = Some(Scheduler::new(lens, &have, self.config.scheduler.clone()));
         self.started = now;
+        // Re-verifying a large partial file may take long: that is no
+        // source's fault.
+        self.progress_at = now;
         self.next_save = Some(now + self.config.save_interval);
         self.set_phase(Phase::Transferring);
         let ready: Vec<SourceId> = self
@@ -599,9 +612,7 @@ impl Download {
             self.next_save = Some(now + self.config.save_interval);
             self.actions.push_back(Action::SaveProgress);
         }
-        if let Some(since) = self.no_source_since
-            && self.sources.is_empty()
-            && since + self.config.no_source_limit <= now
+        if self.progress_at + self.config.no_source_limit <= now
             && matches!(self.phase, Phase::Manifest | Phase::Transferring)
         {
             self.fail(DownloadError::Unreachable {
@@ -643,10 +654,8 @@ impl Download {
         if let Some(sched) = &self.scheduler {
             t = earliest(t, sched.poll_timeout());
         }
-        if let Some(since) = self.no_source_since
-            && self.sources.is_empty()
-        {
-            t = earliest(t, Some(since + self.config.no_source_limit));
+        if matches!(self.phase, Phase::Manifest | Phase::Transferring) {
+            t = earliest(t, Some(self.progress_at + self.config.no_source_limit));
         }
         t
     }
@@ -665,7 +674,6 @@ impl Download {
     }
 
     fn locate(&mut self) {
-        self.locate_attempts += 1;
         self.locate_at = None;
         log::debug!("asking the manager who has {}", self.request.name);
         self.actions
@@ -710,6 +718,9 @@ impl Download {
             self.locate_at = Some(now + self.locate_wait);
             return;
         }
+        // Only answers count: a question the manager never got (it was
+        // away) says nothing about the file.
+        self.locate_attempts += 1;
         if self.locate_attempts < self.config.locate_attempts {
             self.locate_at = Some(now + self.config.locate_retry);
             return;
@@ -822,6 +833,7 @@ impl Download {
             Phase::Manifest => {
                 log::debug!("manifest: {} chunks", manifest.chunk_count());
                 self.manifest = Some(manifest);
+                self.progress_at = now;
                 self.set_phase(Phase::Preparing);
                 self.actions.push_back(Action::OpenPartial);
             }
@@ -894,6 +906,15 @@ impl Download {
             scheduler::Action::DropSource { source, reason } => {
                 if let Some(s) = self.sources.get(&source) {
                     log::warn!("dropping peer {} at {}: {reason}", s.peer, s.addr);
+                    let peer = s.peer;
+                    match reason {
+                        // Not asked again at once: the next "who has" would
+                        // hand it straight back, ahead of holders untried.
+                        DropReason::Stalled => self.back_off(peer, self.last_now),
+                        DropReason::Corrupt | DropReason::Unrequested => {
+                            self.banned.insert(peer);
+                        }
+                    }
                 }
                 // The scheduler already forgot it.
                 if let Some(s) = self.sources.get_mut(&source) {
@@ -924,9 +945,6 @@ impl Download {
             && let Some(sched) = self.scheduler.as_mut()
         {
             sched.remove_source(source, now);
-        }
-        if self.sources.is_empty() && self.no_source_since.is_none() {
-            self.no_source_since = Some(now);
         }
         self.locate_wait = self.config.locate_retry;
         self.ask_manifests(now);
