@@ -397,11 +397,15 @@ impl<'a> Sim<'a> {
                 addr: addr(k),
             };
             match groups.iter_mut().find(|g| g.root == root) {
-                Some(g) => g.peers.push(entry),
+                Some(g) => {
+                    g.peers.push(entry);
+                    g.holders += 1;
+                }
                 None => groups.push(HolderGroup {
                     root,
                     size: self.scn.size as u64,
                     peers: vec![entry],
+                    holders: 1,
                 }),
             }
         }
@@ -928,7 +932,7 @@ fn three_silent_holders_before_an_honest_one_finish_within_5s() {
 /// file waits out `stall_timeout`. A scheduler matter
 /// (src/peer/scheduler/endgame.rs), not the download core's.
 #[test]
-#[ignore = "scheduler: endgame copies all on stalled sources wait out stall_timeout"]
+
 fn greeting_only_holders_before_an_honest_one_finish_within_5s() {
     each_seed(
         SEEDS,
