@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::net::ConnId;
 use crate::wire::{
     Accept, ErrorCode, FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION,
-    PeerEntry, PeerId, Role, accept,
+    PeerEntry, PeerId, PeerKey, Role, accept,
 };
 
 /// Timers of the membership protocol.
@@ -87,6 +87,8 @@ enum ConnState {
 struct Member {
     id: PeerId,
     addr: SocketAddr,
+    /// What its handshake proved ([`PeerKey::UNKNOWN`] on an open network).
+    key: PeerKey,
     last_heard: Instant,
     files: Vec<FileSummary>,
 }
@@ -109,6 +111,8 @@ pub struct Registry {
     /// Earliest moment any member or handshake can expire (may be early, never late).
     next_sweep: Option<Instant>,
     actions: VecDeque<Action>,
+    /// Static keys proved by each connection's handshake (sealed networks).
+    keys: HashMap<ConnId, PeerKey>,
 }
 
 impl Registry {
@@ -125,6 +129,7 @@ impl Registry {
             next_ping: None,
             next_sweep: None,
             actions: VecDeque::new(),
+            keys: HashMap::new(),
         }
     }
 
@@ -134,6 +139,7 @@ impl Registry {
 
     /// A new connection: greet it and give it until the hello timeout.
     pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+        self.keys.remove(&conn);
         self.conns
             .insert(conn, ConnState::AwaitingHello { since: now });
         self.send(
@@ -144,6 +150,13 @@ impl Registry {
             },
         );
         self.arm_sweep(now + self.config.hello_timeout);
+    }
+
+    /// The connection's Noise handshake proved `key` (sealed networks only;
+    /// the shell calls this before any frame of it reaches the registry).
+    /// A member registered over it is listed with this key.
+    pub fn handle_authenticated(&mut self, conn: ConnId, key: PeerKey) {
+        self.keys.insert(conn, key);
     }
 
     /// The connection closed (EOF, reset, or a frame that did not decode).
@@ -271,6 +284,7 @@ impl Registry {
                 Some(ConnState::Member(m)) => Some(PeerEntry {
                     id: m.id,
                     addr: m.addr,
+                    key: m.key,
                 }),
                 _ => None,
             })
@@ -304,6 +318,7 @@ impl Registry {
                 let entry = PeerEntry {
                     id: m.id,
                     addr: m.addr,
+                    key: m.key,
                 };
                 match groups.iter_mut().find(|g| g.root == f.root) {
                     Some(g) => g.peers.push(entry),
@@ -337,6 +352,7 @@ impl Registry {
             ConnState::Member(Member {
                 id,
                 addr,
+                key: self.keys.get(&conn).copied().unwrap_or_default(),
                 last_heard: now,
                 files: Vec::new(),
             }),
@@ -360,6 +376,7 @@ impl Registry {
     }
 
     fn drop_conn(&mut self, conn: ConnId, reason: LeaveReason, now: Instant) {
+        self.keys.remove(&conn);
         if let Some(ConnState::Member(m)) = self.conns.remove(&conn) {
             log::info!("peer {} left ({reason})", m.id);
             self.members.remove(&m.id);
@@ -389,15 +406,12 @@ impl Registry {
 
     fn broadcast(&mut self) {
         self.broadcast_due = None;
-        let now_view: BTreeMap<PeerId, SocketAddr> = self
-            .peer_list()
+        let current = self.peer_list();
+        let now_view: BTreeMap<PeerId, SocketAddr> =
+            current.iter().map(|p| (p.id, p.addr)).collect();
+        let added: Vec<PeerEntry> = current
             .into_iter()
-            .map(|p| (p.id, p.addr))
-            .collect();
-        let added: Vec<PeerEntry> = now_view
-            .iter()
-            .filter(|(id, _)| !self.broadcast_view.contains_key(id))
-            .map(|(&id, &addr)| PeerEntry { id, addr })
+            .filter(|p| !self.broadcast_view.contains_key(&p.id))
             .collect();
         let mut removed: Vec<PeerId> = self
             .broadcast_view

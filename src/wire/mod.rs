@@ -21,7 +21,8 @@ pub use message::{
     encode_manifest_prefix, kind_name, max_body_len, peek_header,
 };
 pub use types::{
-    ErrorCode, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry, PeerId, Role,
+    ErrorCode, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry, PeerId, PeerKey,
+    Role, base32_decode, base32_encode,
 };
 
 /// Four bytes that open every hello: "SHOL". Lets either side spot a stranger
@@ -29,7 +30,7 @@ pub use types::{
 pub const MAGIC: [u8; 4] = *b"SHOL";
 
 /// Bumped on any incompatible change to a frame layout.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;
