@@ -204,16 +204,22 @@ fn run(args: Args) -> Result<(), Failure> {
     }
     let network = shoal::cli::network_key(args.key.as_deref(), args.key_file.as_deref())
         .map_err(Failure::usage)?;
-    // One-shot questions prove no lasting identity: a fresh one will do.
+    // A one-shot question proves the folder's identity when given --dir
+    // (a manager with --allow admits only listed keys), else a fresh one.
+    let dir_for_id = args.dir.clone();
     let query_keys =
         |network: &Option<shoal::net::noise::NetworkKey>| -> Result<Option<Keys>, Failure> {
-            match network {
-                None => Ok(None),
-                Some(n) => Ok(Some(Keys {
-                    network: n.clone(),
-                    identity: Identity::generate().map_err(Failure::failed)?,
-                })),
-            }
+            let Some(n) = network else {
+                return Ok(None);
+            };
+            let identity = match &dir_for_id {
+                Some(dir) => shoal::peer::identity(dir).map_err(Failure::failed)?,
+                None => Identity::generate().map_err(Failure::failed)?,
+            };
+            Ok(Some(Keys {
+                network: n.clone(),
+                identity,
+            }))
         };
     let mut json_summary = false;
     let mode = match args.command {

@@ -697,13 +697,13 @@ impl Conn {
             if let Some(e) = sealed.broken.take() {
                 return Err(e);
             }
-            if let Phase::Open(t) = &mut sealed.phase {
-                if !sealed.plain_out.is_empty() {
-                    t.seal(&sealed.plain_out, &mut self.write_buf);
-                    sealed.plain_out.clear();
-                    if sealed.plain_out.capacity() > SHRINK_ABOVE {
-                        sealed.plain_out = Vec::new();
-                    }
+            if let Phase::Open(t) = &mut sealed.phase
+                && !sealed.plain_out.is_empty()
+            {
+                t.seal(&sealed.plain_out, &mut self.write_buf);
+                sealed.plain_out.clear();
+                if sealed.plain_out.capacity() > SHRINK_ABOVE {
+                    sealed.plain_out = Vec::new();
                 }
             }
         }

@@ -397,7 +397,7 @@ impl Transport {
                 out.truncate(at);
                 return;
             }
-            if self.ts.sending_nonce() % REKEY_EVERY == 0 {
+            if self.ts.sending_nonce().is_multiple_of(REKEY_EVERY) {
                 self.ts.rekey_outgoing();
             }
             plain = &plain[take..];
@@ -420,7 +420,7 @@ impl Transport {
             return Err(OpenError);
         }
         let n = self.ts.read_message(msg, out).map_err(|_| OpenError)?;
-        if self.ts.receiving_nonce() % REKEY_EVERY == 0 {
+        if self.ts.receiving_nonce().is_multiple_of(REKEY_EVERY) {
             self.ts.rekey_incoming();
         }
         Ok(n)

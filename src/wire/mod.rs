@@ -30,7 +30,7 @@ pub use types::{
 pub const MAGIC: [u8; 4] = *b"SHOL";
 
 /// Bumped on any incompatible change to a frame layout.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;
