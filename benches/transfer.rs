@@ -39,6 +39,7 @@ fn node_config(dir: &Path, manager: SocketAddr) -> NodeConfig {
         max_conns: 64,
         rescan_interval: Duration::from_secs(5),
         progress_bar: false,
+        keys: None,
     }
 }
 
@@ -92,6 +93,8 @@ fn transfer(c: &mut Criterion) {
             listen: "127.0.0.1:0".parse().expect("a socket address"),
             registry: RegistryConfig::default(),
             max_conns: 4096,
+            keys: None,
+            allow: None,
         })
         .expect("bind the manager");
         let _ = addr_tx.send(server.local_addr().expect("the manager's address"));
@@ -110,7 +113,7 @@ fn transfer(c: &mut Criterion) {
     });
     let start = Instant::now();
     let listed = |a: shoal::peer::query::Answer| matches!(a, shoal::peer::query::Answer::Files(f) if f.iter().any(|f| f.name.as_str() == FILE_NAME));
-    while !shoal::peer::query::ask(manager, Query::ListFiles).is_ok_and(listed) {
+    while !shoal::peer::query::ask(manager, Query::ListFiles, None).is_ok_and(listed) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "seeder never registered"

@@ -73,6 +73,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(size.as_u64())
 }
 
+/// The network key from `--key`, `--key-file` or the `SHOAL_KEY`
+/// environment variable (in that order); `None` for an open network.
+pub fn network_key(
+    key: Option<&str>,
+    key_file: Option<&std::path::Path>,
+) -> Result<Option<crate::net::noise::NetworkKey>, String> {
+    use crate::net::noise::NetworkKey;
+    if let Some(text) = key {
+        return NetworkKey::from_text(text)
+            .map(Some)
+            .map_err(|e| format!("--key: {e}"));
+    }
+    if let Some(path) = key_file {
+        return NetworkKey::read_file(path).map(Some);
+    }
+    match std::env::var("SHOAL_KEY") {
+        Ok(text) if !text.trim().is_empty() => NetworkKey::from_text(&text)
+            .map(Some)
+            .map_err(|e| format!("SHOAL_KEY: {e}")),
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

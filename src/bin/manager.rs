@@ -48,6 +48,26 @@ struct Args {
     /// Write the log to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+
+    /// The network key's file: made (32 random bytes, mode 0600) if
+    /// missing, and its copyable form printed once for the peers' --key.
+    /// With a key every connection is sealed and only holders get in.
+    #[arg(long, value_name = "PATH", conflicts_with = "key")]
+    key_file: Option<PathBuf>,
+
+    /// The network key in its printed form (also read from SHOAL_KEY).
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+
+    /// Admit only the peers whose public keys (`peer --show-id`) this file
+    /// lists, one a line; reread when it changes and on SIGHUP. Needs a key.
+    #[arg(long, value_name = "FILE")]
+    allow: Option<PathBuf>,
+
+    /// Run without a key on a non-loopback address: anyone who can reach
+    /// the port may join, and nothing on the wire is sealed.
+    #[arg(long, conflicts_with_all = ["key", "key_file"])]
+    open: bool,
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -73,7 +93,70 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let network = match &args.key_file {
+        Some(path) => match shoal::net::noise::NetworkKey::load_or_create(path) {
+            Ok((key, created)) => {
+                if created {
+                    println!(
+                        "made a network key in {}; give it to each peer as --key or SHOAL_KEY:\n{}",
+                        path.display(),
+                        key.to_text()
+                    );
+                }
+                Some(key)
+            }
+            Err(e) => {
+                eprintln!("manager: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None if args.open => None,
+        None => match shoal::cli::network_key(args.key.as_deref(), None) {
+            Ok(key) => key,
+            Err(e) => {
+                eprintln!("manager: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if network.is_none() && !args.open && !args.listen.ip().is_loopback() {
+        eprintln!(
+            "manager: refusing to listen on {} without a network key: anyone who can reach it could join and read everything.\n\
+             Make a key with --key-file PATH (created if missing; give what it prints to each peer as --key or SHOAL_KEY),\n\
+             or pass --open to run an open network knowingly.",
+            args.listen
+        );
+        return ExitCode::from(2);
+    }
+    let allow = match (&args.allow, &network) {
+        (None, _) => None,
+        (Some(_), None) => {
+            eprintln!(
+                "manager: --allow needs a network key (--key-file or --key): peers prove their keys in the sealed handshake"
+            );
+            return ExitCode::from(2);
+        }
+        (Some(path), Some(_)) => match shoal::manager::allow::AllowList::load(path) {
+            Ok(list) => Some(list),
+            Err(e) => {
+                eprintln!("manager: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let keys = match network {
+        None => None,
+        Some(network) => match shoal::net::noise::Identity::generate() {
+            Ok(identity) => Some(shoal::net::noise::Keys { network, identity }),
+            Err(e) => {
+                eprintln!("manager: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
     let config = ServerConfig {
+        keys,
+        allow,
         listen: args.listen,
         registry: RegistryConfig {
             heartbeat: Duration::from_secs_f64(args.heartbeat),

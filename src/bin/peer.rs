@@ -110,6 +110,21 @@ struct Args {
     #[arg(long, value_name = "PATH", global = true)]
     log_file: Option<PathBuf>,
 
+    /// The network key (the 52 letters `manager --key-file` printed):
+    /// every connection is then sealed. Also read from SHOAL_KEY.
+    #[arg(long, value_name = "KEY", global = true, conflicts_with = "key_file")]
+    key: Option<String>,
+
+    /// Read the network key from this file (raw, or the printed form).
+    #[arg(long, value_name = "PATH", global = true)]
+    key_file: Option<PathBuf>,
+
+    /// Print this peer's public key (its identity, kept in
+    /// DIR/.shoal/identity; made on first use) and exit. Put it in the
+    /// manager's --allow file to admit this peer.
+    #[arg(long)]
+    show_id: bool,
+
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -178,10 +193,42 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Failure> {
+    use shoal::net::noise::{Identity, Keys};
+    if args.show_id {
+        let dir = args
+            .dir
+            .ok_or_else(|| Failure::usage("--show-id needs the peer's folder: pass --dir DIR"))?;
+        let id = shoal::peer::identity(&dir).map_err(Failure::failed)?;
+        println!("{}", id.public());
+        return Ok(());
+    }
+    let network = shoal::cli::network_key(args.key.as_deref(), args.key_file.as_deref())
+        .map_err(Failure::usage)?;
+    // A one-shot question proves the folder's identity when given --dir
+    // (a manager with --allow admits only listed keys), else a fresh one.
+    let dir_for_id = args.dir.clone();
+    let query_keys =
+        |network: &Option<shoal::net::noise::NetworkKey>| -> Result<Option<Keys>, Failure> {
+            let Some(n) = network else {
+                return Ok(None);
+            };
+            let identity = match &dir_for_id {
+                Some(dir) => shoal::peer::identity(dir).map_err(Failure::failed)?,
+                None => Identity::generate().map_err(Failure::failed)?,
+            };
+            Ok(Some(Keys {
+                network: n.clone(),
+                identity,
+            }))
+        };
     let mut json_summary = false;
     let mode = match args.command {
-        Some(Cmd::Peers { json }) => return query(args.manager, Query::ListPeers, json),
-        Some(Cmd::Files { json }) => return query(args.manager, Query::ListFiles, json),
+        Some(Cmd::Peers { json }) => {
+            return query(args.manager, Query::ListPeers, json, query_keys(&network)?);
+        }
+        Some(Cmd::Files { json }) => {
+            return query(args.manager, Query::ListFiles, json, query_keys(&network)?);
+        }
         Some(Cmd::Get {
             names,
             hash,
@@ -205,7 +252,15 @@ fn run(args: Args) -> Result<(), Failure> {
     let dir = args.dir.ok_or_else(|| {
         Failure::usage("no folder to share: pass --dir DIR (for example --dir peer1)")
     })?;
+    let keys = match network {
+        None => None,
+        Some(network) => Some(Keys {
+            network,
+            identity: shoal::peer::identity(&dir).map_err(Failure::failed)?,
+        }),
+    };
     let config = NodeConfig {
+        keys,
         dir,
         manager: args.manager,
         listen: args.listen,
@@ -223,8 +278,13 @@ fn run(args: Args) -> Result<(), Failure> {
     node.run().map_err(Failure::failed)
 }
 
-fn query(manager: SocketAddr, q: Query, json: bool) -> Result<(), Failure> {
-    let answer = shoal::peer::query::ask(manager, q).map_err(Failure::failed)?;
+fn query(
+    manager: SocketAddr,
+    q: Query,
+    json: bool,
+    keys: Option<shoal::net::noise::Keys>,
+) -> Result<(), Failure> {
+    let answer = shoal::peer::query::ask(manager, q, keys.as_ref()).map_err(Failure::failed)?;
     let text = match (answer, json) {
         (Answer::Peers(peers), false) => output::peer_entries(&peers, None),
         (Answer::Peers(peers), true) => output::peers_json(&peers),

@@ -9,7 +9,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::ops::Bound;
 
 use crate::wire::{
@@ -97,7 +96,7 @@ impl FileIndex {
         &self,
         name: &FileName,
         rotate: u64,
-        addr: impl Fn(PeerId) -> Option<SocketAddr>,
+        peer: impl Fn(PeerId) -> Option<PeerEntry>,
     ) -> (Vec<HolderGroup>, bool) {
         let Some(entry) = self.names.get(name) else {
             return (Vec::new(), false);
@@ -114,7 +113,7 @@ impl FileIndex {
                 .range(start..)
                 .chain(holders.range(..start))
                 .take(MAX_HOLDERS_PER_GROUP)
-                .filter_map(|&id| addr(id).map(|addr| PeerEntry { id, addr }))
+                .filter_map(|&id| peer(id))
                 .collect();
             groups.push(HolderGroup {
                 root: version.0,
@@ -184,8 +183,12 @@ mod tests {
         FileName::new(&format!("n{i}")).unwrap() // a plain name
     }
 
-    fn addr(id: PeerId) -> Option<SocketAddr> {
-        Some(([10, 0, 0, 1], id.0 as u16).into())
+    fn addr(id: PeerId) -> Option<PeerEntry> {
+        Some(PeerEntry {
+            id,
+            addr: ([10, 0, 0, 1], id.0 as u16).into(),
+            key: Default::default(),
+        })
     }
 
     proptest! {

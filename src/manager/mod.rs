@@ -1,6 +1,7 @@
 //! The manager: a pure membership registry ([`registry`]) and the mio event
 //! loop that serves it over TCP ([`server`]).
 
+pub mod allow;
 mod index;
 pub mod registry;
 pub mod server;

@@ -22,7 +22,7 @@ use crate::net::ConnId;
 use crate::wire::{
     self, Accept, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, Hash, HolderGroup,
     MAX_FILE_SIZE, MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROTOCOL_VERSION, PeerEntry,
-    PeerId, Role, accept,
+    PeerId, PeerKey, Role, accept,
 };
 
 /// Timers of the membership protocol.
@@ -107,6 +107,18 @@ struct Member {
 struct Live {
     conn: ConnId,
     addr: SocketAddr,
+    /// What its handshake proved ([`PeerKey::UNKNOWN`] on an open network).
+    key: PeerKey,
+}
+
+impl Live {
+    fn entry(&self, id: PeerId) -> PeerEntry {
+        PeerEntry {
+            id,
+            addr: self.addr,
+            key: self.key,
+        }
+    }
 }
 
 pub struct Registry {
@@ -137,6 +149,8 @@ pub struct Registry {
     /// Earliest moment any member or handshake can expire (may be early, never late).
     next_sweep: Option<Instant>,
     actions: VecDeque<Action>,
+    /// Static keys proved by each connection's handshake (sealed networks).
+    keys: HashMap<ConnId, PeerKey>,
 }
 
 impl Registry {
@@ -156,6 +170,7 @@ impl Registry {
             next_ping: None,
             next_sweep: None,
             actions: VecDeque::new(),
+            keys: HashMap::new(),
         }
     }
 
@@ -198,6 +213,7 @@ impl Registry {
 
     /// A new connection: greet it and give it until the hello timeout.
     pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+        self.keys.remove(&conn);
         self.conns
             .insert(conn, ConnState::AwaitingHello { since: now });
         self.send(
@@ -208,6 +224,13 @@ impl Registry {
             },
         );
         self.arm_sweep(now + self.config.hello_timeout);
+    }
+
+    /// The connection's Noise handshake proved `key` (sealed networks only;
+    /// the shell calls this before any frame of it reaches the registry).
+    /// A member registered over it is listed with this key.
+    pub fn handle_authenticated(&mut self, conn: ConnId, key: PeerKey) {
+        self.keys.insert(conn, key);
     }
 
     /// The connection closed (EOF, reset, or a frame that did not decode).
@@ -341,10 +364,7 @@ impl Registry {
 
     /// Every live peer, ordered by id (the operator's `peers` command).
     pub fn peer_list(&self) -> Vec<PeerEntry> {
-        self.members
-            .iter()
-            .map(|(&id, l)| PeerEntry { id, addr: l.addr })
-            .collect()
+        self.members.iter().map(|(&id, l)| l.entry(id)).collect()
     }
 
     /// Live peers with ids above `after`, at most `limit`, and whether more
@@ -353,7 +373,7 @@ impl Registry {
         let mut peers: Vec<PeerEntry> = self
             .members
             .range((Bound::Excluded(after), Bound::Unbounded))
-            .map(|(&id, l)| PeerEntry { id, addr: l.addr })
+            .map(|(&id, l)| l.entry(id))
             .take(limit.saturating_add(1))
             .collect();
         let more = peers.len() > limit;
@@ -384,7 +404,7 @@ impl Registry {
 
     fn holders_from(&self, name: &FileName, start: u64) -> (Vec<HolderGroup>, bool) {
         self.index
-            .holders(name, start, |id| self.members.get(&id).map(|l| l.addr))
+            .holders(name, start, |id| self.members.get(&id).map(|l| l.entry(id)))
     }
 
     /// Checks the invariants docs/state/membership.md states (for tests):
@@ -427,7 +447,8 @@ impl Registry {
                 files: Vec::new(),
             }),
         );
-        self.members.insert(id, Live { conn, addr });
+        let key = self.keys.get(&conn).copied().unwrap_or_default();
+        self.members.insert(id, Live { conn, addr, key });
         self.send(
             conn,
             Message::Welcome {
@@ -492,6 +513,7 @@ impl Registry {
     }
 
     fn drop_conn(&mut self, conn: ConnId, reason: LeaveReason, now: Instant) {
+        self.keys.remove(&conn);
         if let Some(ConnState::Member(m)) = self.conns.remove(&conn) {
             log::info!("peer {} left ({reason})", m.id);
             self.members.remove(&m.id);
@@ -554,10 +576,7 @@ impl Registry {
             self.members.len()
         );
         // Pages straight from the member map: no list of all additions.
-        let mut joined = self
-            .members
-            .range(after)
-            .map(|(&id, l)| PeerEntry { id, addr: l.addr });
+        let mut joined = self.members.range(after).map(|(&id, l)| l.entry(id));
         let frames = added.max(removed.len()).div_ceil(PEER_PAGE);
         let deltas: Rc<[Message<'static>]> = (0..frames)
             .map(|i| Message::PeerDelta {

@@ -3,6 +3,7 @@
 //! bytes: decoded frames go to the [`Registry`], and the registry's actions
 //! come back out as frames to send and connections to close.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -11,8 +12,10 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::allow::AllowList;
 use super::registry::{Action, Registry, RegistryConfig};
-use crate::net::{self, Conn, ConnId, Flow, ReadEnd, StdinLines};
+use crate::net::noise::Keys;
+use crate::net::{self, CloseReason, Conn, ConnId, Flow, ReadEnd, StdinLines};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const STDIN: Token = Token(usize::MAX - 2);
@@ -29,6 +32,11 @@ pub struct ServerConfig {
     pub registry: RegistryConfig,
     /// Connections beyond this are refused with a `Busy` error.
     pub max_conns: usize,
+    /// The network key and our identity: every connection is sealed.
+    /// `None` is an open network (loopback, or `--open`).
+    pub keys: Option<Keys>,
+    /// Only peers whose key is listed here may join (`--allow FILE`).
+    pub allow: Option<AllowList>,
 }
 
 pub struct Server {
@@ -42,7 +50,15 @@ pub struct Server {
     revisit: Vec<ConnId>,
     max_conns: usize,
     stopping: bool,
+    keys: Option<Keys>,
+    allow: Option<AllowList>,
+    /// Sealed connections in their handshake, by deadline (all deadlines
+    /// are accept time + the same timeout, so this is in order).
+    handshakes: VecDeque<(Instant, ConnId)>,
+    hangups: Option<signal_hook_mio::v1_0::Signals>,
 }
+
+const HANGUP: Token = Token(usize::MAX - 4);
 
 impl Server {
     /// Binds the listening socket and sets up the loop.
@@ -55,6 +71,15 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let stdin = StdinLines::register(poll.registry(), STDIN);
+        let hangups = match &config.allow {
+            Some(_) => {
+                let mut hup = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGHUP])?;
+                poll.registry()
+                    .register(&mut hup, HANGUP, Interest::READABLE)?;
+                Some(hup)
+            }
+            None => None,
+        };
         Ok(Server {
             poll,
             listener,
@@ -65,6 +90,10 @@ impl Server {
             revisit: Vec::new(),
             max_conns: config.max_conns,
             stopping: false,
+            keys: config.keys,
+            allow: config.allow,
+            handshakes: VecDeque::new(),
+            hangups,
         })
     }
 
@@ -80,8 +109,12 @@ impl Server {
         }
         while !self.stopping {
             let now = Instant::now();
+            let deadline = net::earliest(
+                self.registry.poll_timeout(),
+                self.handshakes.front().map(|&(t, _)| t),
+            );
             let timeout = if self.revisit.is_empty() {
-                net::timeout_until(self.registry.poll_timeout(), now)
+                net::timeout_until(deadline, now)
             } else {
                 Some(std::time::Duration::ZERO)
             };
@@ -109,6 +142,14 @@ impl Server {
                             self.stopping = true;
                         }
                     }
+                    HANGUP => {
+                        let hup = self.hangups.as_mut().map(|h| h.pending().count());
+                        if hup.unwrap_or(0) > 0
+                            && let Some(allow) = &mut self.allow
+                        {
+                            allow.reload();
+                        }
+                    }
                     Token(key) => {
                         let conn = ConnId(key);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -120,6 +161,7 @@ impl Server {
                     }
                 }
             }
+            self.expire_handshakes(now);
             self.registry.handle_timeout(now);
             self.apply_actions(now);
         }
@@ -147,6 +189,11 @@ impl Server {
                 continue;
             }
             conn.set_accept(crate::wire::accept::MANAGER_BEFORE_HELLO);
+            if let Some(keys) = &self.keys {
+                conn.seal(keys, false, now);
+                self.handshakes
+                    .push_back((now + net::HANDSHAKE_TIMEOUT, id));
+            }
             entry.insert(conn);
             log::debug!("connection {} from {addr}", id.0);
             self.registry.handle_connected(id, now);
@@ -177,13 +224,60 @@ impl Server {
                     self.revisit.push(id);
                 }
             }
+            ReadEnd::Authenticated(key) => {
+                if let Some(allow) = &mut self.allow
+                    && !allow.admits(&key)
+                {
+                    log::warn!(
+                        "refusing {remote}: its key {key} is not in the allow list {}",
+                        allow.path().display()
+                    );
+                    self.registry.handle_disconnected(id, now);
+                    self.close(id);
+                    return;
+                }
+                log::debug!("{remote}: sealed, key {key}");
+                self.registry.handle_authenticated(id, key);
+                self.flush(id, now);
+                self.revisit.push(id);
+            }
             ReadEnd::Closed(why) => {
-                log::debug!("{remote}: {why}");
+                match why {
+                    CloseReason::Handshake(_) | CloseReason::Tampered(_) => {
+                        log::warn!("refusing {remote}: {why}")
+                    }
+                    _ => log::debug!("{remote}: {why}"),
+                }
                 self.registry.handle_disconnected(id, now);
                 self.close(id);
             }
         }
         self.apply_actions(now);
+    }
+
+    /// Closes the sealed connections whose handshake is past its deadline
+    /// (a client that sends a byte and stops holds nothing for long).
+    fn expire_handshakes(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.handshakes.front() {
+            if at > now {
+                break;
+            }
+            self.handshakes.pop_front();
+            let Some(conn) = self.conns.get(id.0) else {
+                continue;
+            };
+            // The slot may hold a newer connection by now: its own
+            // deadline decides.
+            if conn.handshake_deadline().is_some_and(|d| d <= now) {
+                log::warn!(
+                    "refusing {}: no handshake within {:?}",
+                    conn.peer_addr(),
+                    net::HANDSHAKE_TIMEOUT
+                );
+                self.registry.handle_disconnected(id, now);
+                self.close(id);
+            }
+        }
     }
 
     fn flush(&mut self, id: ConnId, now: Instant) {

@@ -10,12 +10,21 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::wire::{self, Accept, DecodeError, HEADER_LEN, Message};
+use super::noise::{self, Handshake, HandshakeError, Keys, Step, Transport};
+use crate::wire::{self, Accept, DecodeError, ErrorCode, HEADER_LEN, Message, PeerKey};
+
+/// A sealed connection's handshake must be done within this, or it is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a keyed side answers, in the clear, to a peer that has no key.
+pub const NEEDS_KEY: &str = "this network needs a key: --key or SHOAL_KEY";
 
 /// How a read or write pass over the socket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +79,10 @@ pub enum CloseReason {
     BadFrame(DecodeError),
     /// The frame handler's core closed it (and logged why).
     Handler,
+    /// The Noise handshake failed: no or another network key.
+    Handshake(HandshakeError),
+    /// A sealed message did not authenticate (changed in transit).
+    Tampered(noise::OpenError),
 }
 
 impl std::fmt::Display for CloseReason {
@@ -79,6 +92,8 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Io(e) => write!(f, "connection error: {e}"),
             CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
             CloseReason::Handler => f.write_str("closed by us"),
+            CloseReason::Handshake(e) => e.fmt(f),
+            CloseReason::Tampered(e) => e.fmt(f),
         }
     }
 }
@@ -91,6 +106,17 @@ pub enum ReadEnd {
     Open {
         revisit: bool,
     },
+    /// The Noise handshake just finished and proved the other side's static
+    /// key. No frame was decoded yet: the shell checks the key (or tells its
+    /// core), flushes (the handshake's last message and any frames queued
+    /// meanwhile wait), and reads again.
+    Authenticated(PeerKey),
+    Closed(CloseReason),
+}
+
+/// How a sealed read pass ended early.
+enum SealedEnd {
+    Authenticated(PeerKey),
     Closed(CloseReason),
 }
 
@@ -119,6 +145,34 @@ pub struct Conn {
     reads_held: bool,
     /// The shell holds reads (e.g. while it streams a big reply).
     hold_reads: bool,
+    /// Set on a sealed connection (a network key is in use).
+    sealed: Option<Box<Sealed>>,
+}
+
+/// A sealed connection's state: the socket carries Noise messages, the
+/// read and write buffers above hold what they seal.
+struct Sealed {
+    phase: Phase,
+    /// Raw bytes from the socket not yet opened; `cin_start..cin_end`.
+    cin: Vec<u8>,
+    cin_start: usize,
+    cin_end: usize,
+    /// Plaintext frames queued and not yet sealed into `write_buf`.
+    plain_out: Vec<u8>,
+    /// Until the handshake is done.
+    deadline: Instant,
+    /// A queued chunk could not be read from its file; the next flush fails.
+    broken: Option<io::Error>,
+}
+
+enum Phase {
+    Handshake(Box<Handshake>),
+    /// Handshake done and reported to the shell ([`ReadEnd::Authenticated`]).
+    Open(Box<Transport>),
+    /// Done but not yet reported: the transport waits here.
+    JustDone(Box<Transport>),
+    /// Failed; nothing more is read or sent.
+    Failed,
 }
 
 impl Conn {
@@ -137,6 +191,52 @@ impl Conn {
             accept: wire::accept::PEER_BEFORE_HELLO,
             reads_held: false,
             hold_reads: false,
+            sealed: None,
+        }
+    }
+
+    /// Makes this a sealed connection: a Noise handshake keyed by `keys`
+    /// runs first (we start it if `initiator`), then every frame is sealed.
+    /// Frames queued before it is done wait for it. It must be done by
+    /// `now` + [`HANDSHAKE_TIMEOUT`]: see [`Conn::handshake_deadline`].
+    pub fn seal(&mut self, keys: &Keys, initiator: bool, now: Instant) {
+        let started = if initiator {
+            Handshake::initiator(keys, &mut self.write_buf)
+        } else {
+            Handshake::responder(keys)
+        };
+        let phase = match started {
+            Ok(hs) => Phase::Handshake(Box::new(hs)),
+            Err(e) => {
+                log::error!("{}: {e}", self.peer);
+                Phase::Failed
+            }
+        };
+        self.sealed = Some(Box::new(Sealed {
+            phase,
+            cin: Vec::new(),
+            cin_start: 0,
+            cin_end: 0,
+            plain_out: Vec::new(),
+            deadline: now + HANDSHAKE_TIMEOUT,
+            broken: None,
+        }));
+    }
+
+    /// While a sealed connection's handshake runs: when it must be done.
+    /// The shell closes the connection past it (the other side stalled).
+    pub fn handshake_deadline(&self) -> Option<Instant> {
+        match &self.sealed {
+            Some(s) if matches!(s.phase, Phase::Handshake(_)) => Some(s.deadline),
+            _ => None,
+        }
+    }
+
+    /// The static key the other side's handshake proved, once done.
+    pub fn remote_key(&self) -> Option<PeerKey> {
+        match self.sealed.as_deref()?.phase {
+            Phase::Open(ref t) | Phase::JustDone(ref t) => Some(t.remote_key()),
+            _ => None,
         }
     }
 
@@ -190,7 +290,15 @@ impl Conn {
             return ReadEnd::Open { revisit: false };
         }
         self.reads_held = false;
-        let status = self.fill(super::READ_BUDGET);
+        let status = if self.sealed.is_some() {
+            match self.fill_sealed(super::READ_BUDGET) {
+                Ok(status) => Ok(status),
+                Err(SealedEnd::Authenticated(key)) => return ReadEnd::Authenticated(key),
+                Err(SealedEnd::Closed(why)) => return ReadEnd::Closed(why),
+            }
+        } else {
+            self.fill(super::READ_BUDGET)
+        };
         loop {
             let decoded = self
                 .accept
@@ -316,7 +424,12 @@ impl Conn {
     /// worth), whose length `peek_header` checked against the kind's limit.
     /// The unread tail moves to the front only when the end is reached.
     fn make_room(&mut self) -> bool {
-        if self.read_buf.len() - self.read_end >= MIN_READ {
+        self.make_room_for(MIN_READ)
+    }
+
+    /// [`Conn::make_room`] for at least `min` bytes of spare room.
+    fn make_room_for(&mut self, min: usize) -> bool {
+        if self.read_buf.len() - self.read_end >= min {
             return true;
         }
         if self.read_start > 0 {
@@ -334,11 +447,170 @@ impl Conn {
         // that announces megabytes and then goes quiet costs one read's worth.
         let want = frame_len.max(self.read_chunk) + self.read_chunk;
         let grown = (2 * self.read_end).max(self.read_chunk + MIN_READ);
-        let want = want.min(grown).max(self.read_end + MIN_READ);
+        let want = want.min(grown).max(self.read_end + min);
         if self.read_buf.len() < want {
             self.read_buf.resize(want, 0);
         }
-        self.read_end < self.read_buf.len()
+        self.read_buf.len() - self.read_end >= min
+    }
+
+    /// [`Conn::fill`] for a sealed connection: reads Noise messages into
+    /// `cin`, runs the handshake on them, then opens each transport message
+    /// into the read buffer, where `read_frames` decodes frames as usual.
+    fn fill_sealed(&mut self, budget: usize) -> Result<IoStatus, SealedEnd> {
+        let mut read = 0;
+        loop {
+            self.open_sealed()?;
+            if read >= budget {
+                return Ok(IoStatus::Budget);
+            }
+            // open_sealed stops with a whole message left only when the
+            // read buffer is full of frames to decode first.
+            let Some(sealed) = self.sealed.as_deref_mut() else {
+                return Ok(IoStatus::Budget);
+            };
+            let buffered = &sealed.cin[sealed.cin_start..sealed.cin_end];
+            if Transport::peek(buffered).is_some_and(|len| buffered.len() >= len) {
+                return Ok(IoStatus::Budget);
+            }
+            // Make room for one whole message after what is buffered.
+            if sealed.cin_start > 0 {
+                sealed.cin.copy_within(sealed.cin_start..sealed.cin_end, 0);
+                sealed.cin_end -= sealed.cin_start;
+                sealed.cin_start = 0;
+            }
+            let want = match sealed.phase {
+                Phase::Handshake(_) => noise::LEN_PREFIX + noise::MAX_HANDSHAKE_MESSAGE,
+                _ => 2 * (noise::LEN_PREFIX + noise::MAX_MESSAGE),
+            };
+            if sealed.cin.len() < want {
+                sealed.cin.resize(want, 0);
+            }
+            match self.stream.read(&mut sealed.cin[sealed.cin_end..]) {
+                Ok(0) => {
+                    if let Phase::Handshake(_) = sealed.phase {
+                        sealed.phase = Phase::Failed;
+                        return Err(SealedEnd::Closed(CloseReason::Handshake(
+                            HandshakeError::Closed,
+                        )));
+                    }
+                    return Ok(IoStatus::Done);
+                }
+                Ok(n) => {
+                    sealed.cin_end += n;
+                    read += n;
+                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(IoStatus::WouldBlock),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(SealedEnd::Closed(CloseReason::Io(e))),
+                },
+            }
+        }
+    }
+
+    /// Runs the handshake on, or opens, the whole messages in `cin`.
+    fn open_sealed(&mut self) -> Result<(), SealedEnd> {
+        let Some(mut sealed) = self.sealed.take() else {
+            return Ok(());
+        };
+        let result = self.open_sealed_in(&mut sealed);
+        self.sealed = Some(sealed);
+        result
+    }
+
+    fn open_sealed_in(&mut self, sealed: &mut Sealed) -> Result<(), SealedEnd> {
+        loop {
+            let buffered = &sealed.cin[sealed.cin_start..sealed.cin_end];
+            match std::mem::replace(&mut sealed.phase, Phase::Failed) {
+                Phase::Failed => {
+                    return Err(SealedEnd::Closed(CloseReason::Handshake(
+                        HandshakeError::Closed,
+                    )));
+                }
+                Phase::JustDone(t) => {
+                    let key = t.remote_key();
+                    sealed.phase = Phase::Open(t);
+                    return Err(SealedEnd::Authenticated(key));
+                }
+                Phase::Handshake(hs) => {
+                    let written = self.write_buf.len();
+                    match hs.feed(buffered, &mut self.write_buf) {
+                        Ok((Step::More { used }, Some(hs))) => {
+                            sealed.cin_start += used;
+                            sealed.phase = Phase::Handshake(hs);
+                            if self.write_buf.len() > written {
+                                // Our next handshake message (tens of bytes
+                                // into an idle socket): sent now, since no
+                                // shell flushes a connection that decoded
+                                // no frame. Whatever does not fit waits for
+                                // the next flush.
+                                let _ = self
+                                    .stream
+                                    .write(&self.write_buf[self.write_start..])
+                                    .map(|n| self.write_start += n);
+                            }
+                            return Ok(());
+                        }
+                        Ok((Step::Done { used, transport }, _)) => {
+                            sealed.cin_start += used;
+                            sealed.phase = Phase::JustDone(transport);
+                        }
+                        Ok((Step::More { .. }, None)) => {
+                            return Err(SealedEnd::Closed(CloseReason::Handshake(
+                                HandshakeError::Closed,
+                            )));
+                        }
+                        Err(e) => {
+                            if let HandshakeError::Plaintext { reason: None } = e {
+                                // A peer without a key: say so in its own
+                                // terms, in the clear (it learns only that
+                                // this network is keyed).
+                                self.write_buf.truncate(written);
+                                wire::encode(
+                                    &Message::Error {
+                                        code: ErrorCode::Incompatible,
+                                        reason: NEEDS_KEY.to_string(),
+                                    },
+                                    &mut self.write_buf,
+                                );
+                            }
+                            return Err(SealedEnd::Closed(CloseReason::Handshake(e)));
+                        }
+                    }
+                }
+                Phase::Open(mut t) => {
+                    let Some(len) = Transport::peek(buffered).filter(|&l| buffered.len() >= l)
+                    else {
+                        sealed.phase = Phase::Open(t);
+                        return Ok(());
+                    };
+                    let plain = len - noise::LEN_PREFIX;
+                    // Room for the plaintext (at most the message's length).
+                    if !self.make_room_for(plain) {
+                        sealed.phase = Phase::Open(t);
+                        return Ok(());
+                    }
+                    let at = sealed.cin_start;
+                    let opened = t.open(
+                        &sealed.cin[at..at + len],
+                        &mut self.read_buf[self.read_end..],
+                    );
+                    match opened {
+                        Ok(n) => {
+                            self.read_end += n;
+                            sealed.cin_start += len;
+                            if sealed.cin_start == sealed.cin_end {
+                                sealed.cin_start = 0;
+                                sealed.cin_end = 0;
+                            }
+                            sealed.phase = Phase::Open(t);
+                        }
+                        Err(e) => return Err(SealedEnd::Closed(CloseReason::Tampered(e))),
+                    }
+                }
+            }
+        }
     }
 
     fn consume(&mut self, n: usize) {
@@ -354,21 +626,50 @@ impl Conn {
         }
     }
 
+    /// Where frames are queued: the write buffer itself, or on a sealed
+    /// connection the plaintext waiting to be sealed into it.
+    fn out_buf(&mut self) -> &mut Vec<u8> {
+        match self.sealed.as_deref_mut() {
+            Some(s) => &mut s.plain_out,
+            None => &mut self.write_buf,
+        }
+    }
+
     /// Queues one frame for sending.
     pub fn send(&mut self, msg: &Message<'_>) {
-        wire::encode(msg, &mut self.write_buf);
+        wire::encode(msg, self.out_buf());
     }
 
     /// Queues one frame that `encode` appends to the write buffer itself
     /// (a manifest encoded straight from borrowed hashes).
     pub fn send_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
-        encode(&mut self.write_buf);
+        encode(self.out_buf());
     }
 
     /// Queues a chunk frame whose payload is sent from `file` by the kernel
     /// (`sendfile`), never copied through our memory: the header goes into
     /// the write buffer, the payload follows it on the wire.
+    /// On a sealed connection the payload is read into the plaintext
+    /// buffer (reused, so no allocation per chunk) and sealed with it.
     pub fn send_chunk_from_file(&mut self, index: u32, file: Rc<File>, offset: u64, len: u32) {
+        if let Some(sealed) = self.sealed.as_deref_mut() {
+            let out = &mut sealed.plain_out;
+            wire::encode_chunk_header(index, len, out);
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            if let Err(e) = file.read_exact_at(&mut out[at..], offset) {
+                let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "shared file shrank while a chunk of it was being sent",
+                    )
+                } else {
+                    e
+                };
+                sealed.broken.get_or_insert(e);
+            }
+            return;
+        }
         wire::encode_chunk_header(index, len, &mut self.write_buf);
         self.file_segments.push_back(FileSegment {
             at: self.write_buf.len(),
@@ -381,7 +682,8 @@ impl Conn {
     /// Bytes queued and not yet sent (buffer and file payloads).
     pub fn pending_write_bytes(&self) -> usize {
         let from_files: usize = self.file_segments.iter().map(|s| s.left).sum();
-        self.write_buf.len() - self.write_start + from_files
+        let unsealed = self.sealed.as_deref().map_or(0, |s| s.plain_out.len());
+        self.write_buf.len() - self.write_start + from_files + unsealed
     }
 
     pub fn has_pending_writes(&self) -> bool {
@@ -391,6 +693,20 @@ impl Conn {
     /// Writes until everything queued is sent or the socket would block.
     /// Buffer bytes and file payloads go out in the order they were queued.
     pub fn flush(&mut self) -> io::Result<IoStatus> {
+        if let Some(sealed) = self.sealed.as_deref_mut() {
+            if let Some(e) = sealed.broken.take() {
+                return Err(e);
+            }
+            if let Phase::Open(t) = &mut sealed.phase
+                && !sealed.plain_out.is_empty()
+            {
+                t.seal(&sealed.plain_out, &mut self.write_buf);
+                sealed.plain_out.clear();
+                if sealed.plain_out.capacity() > SHRINK_ABOVE {
+                    sealed.plain_out = Vec::new();
+                }
+            }
+        }
         loop {
             let buffered_until = self
                 .file_segments

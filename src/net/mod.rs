@@ -3,9 +3,10 @@
 //! Nothing here knows the protocol's rules; that lives in the pure cores.
 
 mod conn;
+pub mod noise;
 mod stdin;
 
-pub use conn::{CloseReason, Conn, Flow, IoStatus, ReadEnd};
+pub use conn::{CloseReason, Conn, Flow, HANDSHAKE_TIMEOUT, IoStatus, NEEDS_KEY, ReadEnd};
 pub use stdin::StdinLines;
 
 use std::time::{Duration, Instant};

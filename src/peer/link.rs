@@ -607,6 +607,7 @@ mod tests {
         PeerEntry {
             id: PeerId(id),
             addr: ([10, 0, 0, 1], id as u16).into(),
+            key: Default::default(),
         }
     }
 

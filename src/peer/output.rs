@@ -15,6 +15,23 @@ use crate::store::SharedFolder;
 use crate::wire::{NetworkFile, PeerEntry, PeerId};
 
 pub fn peer_entries(peers: &[PeerEntry], me: Option<PeerId>) -> String {
+    if peers.iter().any(|p| p.key.is_known()) {
+        // A sealed network: each peer with the key it proved.
+        let mut sorted: Vec<&PeerEntry> = peers.iter().collect();
+        sorted.sort_by_key(|p| p.id);
+        let mut out = format!("{} live peers\n", peers.len());
+        for p in sorted {
+            let mark = if Some(p.id) == me { "  (me)" } else { "" };
+            let _ = writeln!(
+                out,
+                "  {:<6} {:<21} {}{mark}",
+                p.id.to_string(),
+                p.addr.to_string(),
+                p.key
+            );
+        }
+        return out;
+    }
     let map: BTreeMap<PeerId, SocketAddr> = peers.iter().map(|p| (p.id, p.addr)).collect();
     peer_map(&map, me)
 }
@@ -69,6 +86,10 @@ pub fn peers_json(peers: &[PeerEntry]) -> String {
         }
         let _ = write!(out, "{{\"id\":{},\"addr\":", p.id.0);
         json_string(&mut out, &p.addr.to_string());
+        // On a sealed network: the key its handshake proved.
+        if p.key.is_known() {
+            let _ = write!(out, ",\"key\":\"{}\"", p.key);
+        }
         out.push('}');
     }
     out.push_str("]}\n");
@@ -213,7 +234,7 @@ pub fn json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{FileName, Hash};
+    use crate::wire::{FileName, Hash, PeerKey};
 
     fn name(s: &str) -> FileName {
         FileName::new(s).unwrap()
@@ -304,10 +325,12 @@ mod tests {
             PeerEntry {
                 id: PeerId(9),
                 addr: "127.0.0.1:2".parse().unwrap(),
+                key: PeerKey::UNKNOWN,
             },
             PeerEntry {
                 id: PeerId(3),
                 addr: "[::1]:1".parse().unwrap(),
+                key: PeerKey::UNKNOWN,
             },
         ];
         assert_eq!(

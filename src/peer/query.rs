@@ -12,6 +12,7 @@ use mio::{Events, Poll, Token};
 
 use super::link::{LinkAction, LinkConfig, LinkEvent, LinkMode, ManagerLink, Query};
 use super::node::NodeError;
+use crate::net::noise::Keys;
 use crate::net::{self, CloseReason, Conn, Flow, ReadEnd};
 use crate::wire::{NetworkFile, PeerEntry, accept};
 
@@ -35,7 +36,8 @@ enum Stage {
 }
 
 /// Asks `query` (`ListPeers` or `ListFiles`) and returns the answer.
-pub fn ask(manager: SocketAddr, query: Query) -> Result<Answer, NodeError> {
+/// With `keys` the connection is sealed (a keyed network).
+pub fn ask(manager: SocketAddr, query: Query, keys: Option<&Keys>) -> Result<Answer, NodeError> {
     let start = Instant::now();
     let deadline = start + QUERY_LIMIT;
     let refused = |why: String| {
@@ -72,8 +74,11 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<Answer, NodeError> {
         while let Some(action) = link.poll_action() {
             match action {
                 LinkAction::Connect => {
-                    let c = Conn::connect(manager, poll.registry(), MANAGER, accept::LINK)
+                    let mut c = Conn::connect(manager, poll.registry(), MANAGER, accept::LINK)
                         .map_err(|e| refused(e.to_string()))?;
+                    if let Some(keys) = keys {
+                        c.seal(keys, true, Instant::now());
+                    }
                     conn = Some(c);
                 }
                 LinkAction::Send(msg) => {
@@ -130,6 +135,15 @@ pub fn ask(manager: SocketAddr, query: Query) -> Result<Answer, NodeError> {
                 match end {
                     // One connection only: read the rest of a burst now.
                     ReadEnd::Open { revisit: true } => continue,
+                    ReadEnd::Authenticated(_) => {
+                        c.flush()
+                            .and_then(|_| c.sync_interest(poll.registry(), MANAGER))
+                            .map_err(|e| refused(e.to_string()))?;
+                        continue;
+                    }
+                    ReadEnd::Closed(CloseReason::Handshake(e)) => {
+                        return Err(NodeError::Manager(format!("the manager at {manager}: {e}")));
+                    }
                     ReadEnd::Open { revisit: false } => {}
                     ReadEnd::Closed(CloseReason::BadFrame(e)) => {
                         return Err(NodeError::Manager(format!(

@@ -84,6 +84,51 @@ impl FolderDirs {
         Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
     }
 
+    /// This peer's 32-byte identity secret in `DIR/.shoal/identity`,
+    /// created from `fresh` (mode 0600, never over an existing file) on
+    /// first use.
+    pub fn identity_secret(
+        &self,
+        fresh: impl FnOnce() -> io::Result<[u8; 32]>,
+    ) -> Result<[u8; 32], StoreError> {
+        let path = self.0.path.join(META_DIR).join(IDENTITY_FILE);
+        let read = |path: &Path| -> Result<Option<[u8; 32]>, StoreError> {
+            match read_state_file(self.meta(), IDENTITY_FILE) {
+                Ok(None) => Ok(None),
+                Ok(Some(bytes)) => <[u8; 32]>::try_from(bytes.as_slice())
+                    .map(Some)
+                    .map_err(|_| {
+                        StoreError::io(
+                            "read the identity (not 32 bytes; move it away to make a new one)",
+                            path,
+                            io::Error::from(io::ErrorKind::InvalidData),
+                        )
+                    }),
+                Err(err) => Err(StoreError::io("read", path, err)),
+            }
+        };
+        if let Some(secret) = read(&path)? {
+            return Ok(secret);
+        }
+        let secret = fresh().map_err(|err| StoreError::io("make", &path, err))?;
+        match create_new(self.meta(), IDENTITY_FILE, PRIVATE) {
+            Ok(mut file) => {
+                file.write_all(&secret)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|err| StoreError::io("write", &path, err))?;
+                sync(self.meta()).map_err(|err| StoreError::io("sync", &path, err))?;
+                Ok(secret)
+            }
+            // Another process made it meanwhile: use that one.
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                read(&path)?.ok_or_else(|| {
+                    StoreError::io("read", &path, io::Error::from(io::ErrorKind::NotFound))
+                })
+            }
+            Err(err) => Err(StoreError::io("create", &path, err)),
+        }
+    }
+
     /// `DIR/.shoal/partial/name`, for messages.
     pub(crate) fn partial_path(&self, name: &str) -> PathBuf {
         self.0.path.join(META_DIR).join(PARTIAL_DIR).join(name)
@@ -190,6 +235,9 @@ pub(crate) fn create_new(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Resu
     let mode = Mode::from_raw_mode(mode as rustix::fs::RawMode);
     Ok(File::from(rustix::fs::openat(dir, name, flags, mode)?))
 }
+
+/// This peer's identity secret, in `.shoal/`.
+const IDENTITY_FILE: &str = "identity";
 
 /// Mode for shoal's private state files.
 pub(crate) const PRIVATE: u32 = 0o600;

@@ -8,7 +8,7 @@ use byteorder::{BigEndian, ByteOrder, WriteBytesExt};
 use super::cursor::Cursor;
 use super::types::{
     ErrorCode, FileCursor, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry,
-    PeerId, Role,
+    PeerId, PeerKey, Role,
 };
 use super::{
     DecodeError, HEADER_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_NAME_LEN, MAX_REASON_LEN,
@@ -46,7 +46,7 @@ pub const LIST_BODY_MAX: usize = 8 << 20;
 pub const SMALL_BODY_MAX: usize = 4 << 10;
 /// Smallest encoded socket address (IPv4: family, 4 bytes, port).
 const MIN_ADDR_LEN: usize = 1 + 4 + 2;
-const MIN_PEER_ENTRY_LEN: usize = 8 + MIN_ADDR_LEN;
+const MIN_PEER_ENTRY_LEN: usize = 8 + MIN_ADDR_LEN + 32;
 
 /// One decoded frame. Only `Chunk` borrows from the input buffer: chunk
 /// payloads are large and hot, everything else is small control traffic.
@@ -446,6 +446,7 @@ fn read_peer_entries(c: &mut Cursor<'_>) -> Result<Vec<PeerEntry>, DecodeError> 
             Ok(PeerEntry {
                 id: PeerId(c.u64()?),
                 addr: read_addr(c)?,
+                key: PeerKey(c.array()?),
             })
         })
         .collect()
@@ -713,5 +714,6 @@ fn put_peer_entries(out: &mut Vec<u8>, peers: &[PeerEntry]) {
     for p in peers {
         put_u64(out, p.id.0);
         put_opt_addr(out, Some(&p.addr));
+        out.extend_from_slice(&p.key.0);
     }
 }

@@ -22,7 +22,7 @@ pub use message::{
 };
 pub use types::{
     ErrorCode, FileCursor, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry,
-    PeerId, Role,
+    PeerId, PeerKey, Role, base32_decode, base32_encode,
 };
 
 /// Four bytes that open every hello: "SHOL". Lets either side spot a stranger
@@ -32,8 +32,9 @@ pub const MAGIC: [u8; 4] = *b"SHOL";
 /// Bumped on any incompatible change to a frame layout.
 /// Version 2: `ListFiles`/`ListPeers` carry a cursor and `FileList`/`PeerList`
 /// a `more` flag (paged answers); `Holders` carries a `truncated` flag and a
-/// holder count per group.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// holder count per group. Version 3: every peer entry carries the peer's
+/// public key (section 9).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;

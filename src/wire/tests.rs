@@ -201,21 +201,25 @@ fn peer_list_cases() -> Vec<Case> {
                     PeerEntry {
                         id: PeerId(1),
                         addr: v4(10, 0, 0, 1, 7001),
+                        key: PeerKey([0x11; 32]),
                     },
                     PeerEntry {
                         id: PeerId(2),
                         addr: v6(Ipv6Addr::LOCALHOST, 7002),
+                        key: PeerKey([0x22; 32]),
                     },
                 ],
                 more: true,
             },
             cat(&[
-                &[0, 0, 0, 0x30, 0x12],
+                &[0, 0, 0, 0x70, 0x12],
                 &[0, 0, 0, 2],
                 &[0, 0, 0, 0, 0, 0, 0, 1, 0x04, 10, 0, 0, 1, 0x1b, 0x59],
+                &[0x11; 32],
                 &[0, 0, 0, 0, 0, 0, 0, 2, 0x06],
                 &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
                 &[0x1b, 0x5a],
+                &[0x22; 32],
                 &[0x01],
             ]),
         ),
@@ -236,13 +240,15 @@ fn peer_delta_cases() -> Vec<Case> {
                 added: vec![PeerEntry {
                     id: PeerId(3),
                     addr: v4(127, 0, 0, 1, 9000),
+                    key: PeerKey([0x33; 32]),
                 }],
                 removed: vec![PeerId(1), PeerId(0x0102_0304_0506_0708)],
             },
             cat(&[
-                &[0, 0, 0, 0x28, 0x13],
+                &[0, 0, 0, 0x48, 0x13],
                 &[0, 0, 0, 1],
                 &[0, 0, 0, 0, 0, 0, 0, 3, 0x04, 127, 0, 0, 1, 0x23, 0x28],
+                &[0x33; 32],
                 &[0, 0, 0, 2],
                 &[0, 0, 0, 0, 0, 0, 0, 1],
                 &[1, 2, 3, 4, 5, 6, 7, 8],
@@ -317,6 +323,7 @@ fn holders_cases() -> Vec<Case> {
                         peers: vec![PeerEntry {
                             id: PeerId(1),
                             addr: v4(10, 0, 0, 1, 7001),
+                            key: PeerKey([0x44; 32]),
                         }],
                     },
                     HolderGroup {
@@ -328,7 +335,7 @@ fn holders_cases() -> Vec<Case> {
                 ],
             },
             cat(&[
-                &[0, 0, 0, 0x7c, 0x16],
+                &[0, 0, 0, 0x9c, 0x16],
                 &[0x00, 0x05],
                 b"a.txt",
                 &[0x01],
@@ -338,6 +345,7 @@ fn holders_cases() -> Vec<Case> {
                 &[0, 0, 0, 3],
                 &[0, 0, 0, 1],
                 &[0, 0, 0, 0, 0, 0, 0, 1, 0x04, 10, 0, 0, 1, 0x1b, 0x59],
+                &[0x44; 32],
                 &[0xbb; 32],
                 &[0, 0, 0, 0, 0, 0, 0, 5],
                 &[0, 0, 0, 0],
@@ -774,7 +782,7 @@ fn bad_address_family() {
         assert_eq!(decode(&f), Err(bad_family.clone()));
     }
     // A peer entry must have an address: family 0 is refused there.
-    let body = cat(&[&[0, 0, 0, 1], &[0; 8], &[0x00, 0, 0, 0, 0, 0, 0]]);
+    let body = cat(&[&[0, 0, 0, 1], &[0; 8], &[0x00, 0, 0, 0, 0, 0, 0], &[0; 32]]);
     assert_eq!(
         decode(&frame(0x12, &body)),
         Err(DecodeError::BadValue {

@@ -155,11 +155,93 @@ impl ErrorCode {
     }
 }
 
-/// One live peer as the manager lists it: who, and where it serves chunks.
+/// One live peer as the manager lists it: who, where it serves chunks, and
+/// the public key its Noise handshake proved (all zero on an open network).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerEntry {
     pub id: PeerId,
     pub addr: SocketAddr,
+    pub key: PeerKey,
+}
+
+/// A peer's static X25519 public key, as its handshake authenticated it.
+/// [`PeerKey::UNKNOWN`] (all zero) stands for "not authenticated": an open
+/// network, where nobody proves a key.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PeerKey(pub [u8; 32]);
+
+impl PeerKey {
+    pub const UNKNOWN: PeerKey = PeerKey([0; 32]);
+
+    pub fn is_known(&self) -> bool {
+        *self != PeerKey::UNKNOWN
+    }
+
+    /// The 52-letter form users see, copy and list in `--allow` files.
+    pub fn to_text(&self) -> String {
+        base32_encode(&self.0)
+    }
+
+    /// Parses the form [`PeerKey::to_text`] prints (either case).
+    pub fn from_text(s: &str) -> Option<PeerKey> {
+        base32_decode(s).map(PeerKey)
+    }
+}
+
+impl fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerKey({})", self.to_text())
+    }
+}
+
+impl fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// RFC 4648 base32, lowercase, no padding: 32 bytes become 52 letters and
+/// digits, nothing a shell or a command line treats specially.
+pub fn base32_encode(bytes: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(52);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(BASE32[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(BASE32[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// The inverse of [`base32_encode`]: exactly 52 symbols whose last one
+/// carries no stray bits (so each key has one text form).
+pub fn base32_decode(s: &str) -> Option<[u8; 32]> {
+    let s = s.as_bytes();
+    if s.len() != 52 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    let (mut acc, mut bits, mut n) = (0u32, 0u32, 0usize);
+    for &c in s {
+        let v = BASE32.iter().position(|&x| x == c.to_ascii_lowercase())? as u32;
+        acc = (acc << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            *out.get_mut(n)? = (acc >> bits) as u8;
+            n += 1;
+        }
+        acc &= (1 << bits) - 1;
+    }
+    (n == 32 && acc == 0).then_some(out)
 }
 
 /// One file a peer shares, as reported to the manager.
@@ -249,6 +331,24 @@ mod tests {
         for good in ["café.txt", "文件.txt"] {
             assert_eq!(FileName::new(good).unwrap().to_string(), good);
         }
+    }
+
+    #[test]
+    fn peer_key_text_round_trips_and_is_canonical() {
+        for k in [[0u8; 32], [0xff; 32], std::array::from_fn(|i| i as u8 * 37)] {
+            let key = PeerKey(k);
+            let text = key.to_text();
+            assert_eq!(text.len(), 52);
+            assert_eq!(PeerKey::from_text(&text), Some(key));
+            assert_eq!(PeerKey::from_text(&text.to_uppercase()), Some(key));
+        }
+        // The last symbol of 0xff.. carries one bit ('q' = 10000); 'r' sets a stray bit.
+        let mut t = PeerKey([0xff; 32]).to_text();
+        assert!(t.ends_with('q'));
+        t.pop();
+        assert_eq!(PeerKey::from_text(&(t.clone() + "r")), None);
+        assert_eq!(PeerKey::from_text(&t), None);
+        assert_eq!(PeerKey::from_text(&(t + "1")), None);
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub const MAX_LIST_BODY: u32 = 8 << 20;
 pub const MAX_SMALL_BODY: u32 = 4096;
 
 pub const MAGIC: &[u8; 4] = b"SHOL";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 pub type Hash = [u8; 32];
 
@@ -368,6 +368,8 @@ pub fn parse_holders(body: &[u8]) -> io::Result<(String, Vec<HolderGroup>)> {
         for _ in 0..np {
             let id = c.read_u64::<BigEndian>()?;
             peers.push((id, addr(&mut c)?));
+            // The key its sealed handshake proved (zero on an open network).
+            let _key = hash(&mut c)?;
         }
         groups.push(HolderGroup { root, size, peers });
     }

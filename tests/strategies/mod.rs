@@ -74,7 +74,11 @@ pub fn addr() -> impl Strategy<Value = SocketAddr> {
 }
 
 pub fn peer_entry() -> impl Strategy<Value = PeerEntry> {
-    (peer_id(), addr()).prop_map(|(id, addr)| PeerEntry { id, addr })
+    (peer_id(), addr(), any::<[u8; 32]>()).prop_map(|(id, addr, key)| PeerEntry {
+        id,
+        addr,
+        key: shoal::wire::PeerKey(key),
+    })
 }
 
 pub fn peers() -> impl Strategy<Value = Vec<PeerEntry>> {

@@ -18,7 +18,7 @@ use crate::peer::scheduler::{self, Arrival, DropReason, Scheduler, SchedulerConf
 use crate::store::{Manifest, hash_chunk};
 use crate::wire::{
     Accept, ErrorCode, FileName, Hash, HolderGroup, Message, PROTOCOL_VERSION, PeerEntry, PeerId,
-    Role, accept,
+    PeerKey, Role, accept,
 };
 
 /// Limits and timers of one download.
@@ -138,6 +138,8 @@ enum Link {
 struct Source {
     peer: PeerId,
     addr: SocketAddr,
+    /// The key the manager listed for this holder (unknown on an open network).
+    key: PeerKey,
     link: Link,
     /// Asked for the manifest at this time and not yet answered. Such a
     /// source may still send its manifest after another's arrived.
@@ -381,6 +383,31 @@ impl Download {
                 },
             );
         }
+    }
+
+    /// The sealed connection to `source` proved the static key `remote`. A
+    /// holder the manager listed with another key is not the peer we meant
+    /// (a registration advertising someone else's address): it is dropped
+    /// and not tried again in this download.
+    pub fn handle_authenticated(&mut self, source: SourceId, remote: PeerKey, now: Instant) {
+        let Some(s) = self.sources.get(&source) else {
+            return;
+        };
+        if s.key == remote {
+            return;
+        }
+        log::warn!(
+            "dropping peer {} at {}: it proved key {remote}, but the manager listed {} for it",
+            s.peer,
+            s.addr,
+            if s.key.is_known() {
+                s.key.to_text()
+            } else {
+                "no key".to_string()
+            },
+        );
+        self.banned.insert(s.peer);
+        self.drop_source(source, now);
     }
 
     /// The connection to `source` failed or closed. `misbehaved` when it
@@ -758,6 +785,7 @@ impl Download {
             Source {
                 peer: holder.id,
                 addr: holder.addr,
+                key: holder.key,
                 link: Link::Connecting { since: now },
                 manifest_asked: None,
                 scheduled: false,

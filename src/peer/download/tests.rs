@@ -395,6 +395,7 @@ impl<'a> Sim<'a> {
             let entry = PeerEntry {
                 id: PeerId(k as u64 + 1),
                 addr: addr(k),
+                key: Default::default(),
             };
             match groups.iter_mut().find(|g| g.root == root) {
                 Some(g) => {

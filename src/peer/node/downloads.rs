@@ -130,6 +130,9 @@ impl Node {
         ) {
             Ok(mut conn) => {
                 conn.set_read_chunk(SOURCE_READ_CHUNK);
+                if let Some(keys) = &self.config.keys {
+                    conn.seal(keys, true, now);
+                }
                 entry.insert(PeerConn::Source {
                     conn,
                     job,
@@ -327,9 +330,18 @@ impl Node {
                     self.revisit.push(id);
                 }
             }
+            ReadEnd::Authenticated(key) => {
+                // The core checks it is the key the manager listed for
+                // this holder (and drops the source if not).
+                j.core.handle_authenticated(source, key, now);
+                if j.core.has_source(source) {
+                    self.revisit.push(id);
+                }
+            }
             ReadEnd::Closed(why) => self.source_closed(job, source, why, now),
         }
         self.apply_download_actions(job, now);
+        self.flush_source(id, now);
     }
 
     pub(super) fn handle_source_writable(&mut self, id: ConnId, now: Instant) {
@@ -403,7 +415,10 @@ impl Node {
             log::info!("source at {} went away: {why}", conn.peer_addr());
             conn.close(self.poll.registry());
         }
-        let misbehaved = matches!(why, CloseReason::BadFrame(_));
+        let misbehaved = matches!(
+            why,
+            CloseReason::BadFrame(_) | CloseReason::Handshake(_) | CloseReason::Tampered(_)
+        );
         j.core.handle_closed(source, misbehaved, now);
     }
 

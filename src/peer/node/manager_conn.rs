@@ -42,7 +42,13 @@ impl Node {
         });
         match end {
             ReadEnd::Open { revisit } => self.revisit_manager |= revisit,
-            ReadEnd::Closed(why) => return self.manager_lost(now, why.to_string()),
+            ReadEnd::Authenticated(_) => self.revisit_manager = true,
+            ReadEnd::Closed(why) => {
+                if let crate::net::CloseReason::Handshake(_) = why {
+                    log::error!("the manager at {}: {why}", self.config.manager);
+                }
+                return self.manager_lost(now, why.to_string());
+            }
         }
         self.apply_link_actions(now);
         self.flush_manager(now);
@@ -97,7 +103,10 @@ impl Node {
     pub(super) fn connect_manager(&mut self, now: Instant) {
         let addr = self.config.manager;
         match Conn::connect(addr, self.poll.registry(), MANAGER, accept::LINK) {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                if let Some(keys) = &self.config.keys {
+                    conn.seal(keys, true, now);
+                }
                 log::debug!("connecting to the manager at {addr}");
                 self.manager_conn = Some(conn);
                 self.manager_connected = false;

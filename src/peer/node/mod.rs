@@ -67,6 +67,9 @@ pub struct NodeConfig {
     pub rescan_interval: Duration,
     /// Show a progress bar (stderr is a terminal).
     pub progress_bar: bool,
+    /// The network key and this peer's identity: every connection, to
+    /// the manager and between peers, is sealed. `None` on an open network.
+    pub keys: Option<crate::net::noise::Keys>,
 }
 
 /// What this run of the peer is for.
@@ -360,8 +363,9 @@ impl Node {
             deadline = net::earliest(deadline, job.core.poll_timeout());
         }
         for (_, pc) in self.conns.iter() {
-            if let PeerConn::Serving { session, .. } = pc {
+            if let PeerConn::Serving { session, conn, .. } = pc {
                 deadline = net::earliest(deadline, session.poll_timeout());
+                deadline = net::earliest(deadline, conn.handshake_deadline());
             }
         }
         deadline
@@ -399,6 +403,28 @@ impl Node {
             .collect();
         for id in expired {
             self.apply_serve_actions(id);
+        }
+        // A sealed serving connection whose handshake stalled (a client
+        // that sends a byte and stops) is closed, and never reaches a core.
+        let stalled: Vec<ConnId> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(k, pc)| match pc {
+                PeerConn::Serving { conn, .. }
+                    if conn.handshake_deadline().is_some_and(|t| t <= now) =>
+                {
+                    log::warn!(
+                        "refusing {}: no handshake within {:?}",
+                        conn.peer_addr(),
+                        net::HANDSHAKE_TIMEOUT
+                    );
+                    Some(ConnId(k))
+                }
+                _ => None,
+            })
+            .collect();
+        for id in stalled {
+            self.close_peer(id);
         }
         self.handle_download_timers(now);
         if now >= self.next_rescan {

@@ -36,6 +36,9 @@ impl Node {
             log::debug!("serving {addr} on connection {}", id.0);
             let session = ServeSession::new(ServeConfig::default(), now);
             conn.set_accept(session.accepts());
+            if let Some(keys) = &self.config.keys {
+                conn.seal(keys, false, now);
+            }
             entry.insert(PeerConn::Serving {
                 conn,
                 session,
@@ -87,8 +90,20 @@ impl Node {
                     self.revisit.push(id);
                 }
             }
+            ReadEnd::Authenticated(key) => {
+                log::debug!("{}: sealed, key {key}", conn.peer_addr());
+                self.revisit.push(id);
+                // Our hello waited for the handshake.
+                self.pump_serving(id, now);
+                return;
+            }
             ReadEnd::Closed(why) => {
-                log::debug!("{}: {why}", conn.peer_addr());
+                match why {
+                    net::CloseReason::Handshake(_) | net::CloseReason::Tampered(_) => {
+                        log::warn!("refusing {}: {why}", conn.peer_addr())
+                    }
+                    _ => log::debug!("{}: {why}", conn.peer_addr()),
+                }
                 self.close_peer(id);
                 return;
             }
