@@ -29,24 +29,21 @@ use shoal::wire::{
 
 const MS: Duration = Duration::from_millis(1);
 
-/// xorshift64*: small, seeded, good enough for delays and churn choices.
-struct Rng(u64);
+/// Seeded, so a failing seed replays.
+struct Rng(fastrand::Rng);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+        Rng(fastrand::Rng::with_seed(seed))
     }
 
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.u64(..)
     }
 
     /// Uniform in `lo..=hi`.
     fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
+        self.0.u64(lo..=hi)
     }
 }
 
