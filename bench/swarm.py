@@ -10,6 +10,7 @@ prints one table (median of 5 runs; 1 run with --quick):
       same file measured in the same run (sendfile -> recv -> write -> fsync,
       native: examples/raw_tcp.rs)
   a2  four uncapped seeders -> one downloader
+  k   the same two with a network key (every connection sealed), against a and a2
   b   four seeders at --upload-limit 20MiB: aggregate vs the sum of the caps
   c   three seeders at 30MiB and one at 3MiB: aggregate vs the sum of the caps
   d   peak RSS and CPU of the processes above; an idle peer; one seeder
@@ -227,15 +228,20 @@ def median(values):
 class Swarm:
     """A manager and some seeders sharing one file; stopped on exit."""
 
-    def __init__(self, work, src, limits, hosts=None):
+    def __init__(self, work, src, limits, hosts=None, keyed=False):
         self.work = Path(work)
         self.size = src.stat().st_size
         self.hosts = hosts  # None: loopback; else a NetLab
         self.work.mkdir(parents=True, exist_ok=True)
         listen = f"{hosts.hub_ip}:0" if hosts else "127.0.0.1:0"
         hub = hosts.hub if hosts else None
+        # Keyed: every connection sealed (the manager makes the key file).
+        # Open: the namespaces are private to this script, so an open
+        # network there is a knowing choice (--open).
+        self.key_args = ["--key-file", self.work / "net.key"] if keyed else []
+        extra = self.key_args or (["--open"] if hosts else [])
         self.manager = Child(
-            [BIN / "manager", "--listen", listen], self.work / "manager.log", ns=hub
+            [BIN / "manager", "--listen", listen] + extra, self.work / "manager.log", ns=hub
         )
         self.addr = wait_for(
             "the manager to listen",
@@ -247,7 +253,7 @@ class Swarm:
             d = self.work / f"seed{i}"
             d.mkdir()
             os.link(src, d / FILE_NAME)  # same inode: one copy in the page cache
-            argv = [BIN / "peer", "--dir", d, "--manager", self.addr]
+            argv = [BIN / "peer", "--dir", d, "--manager", self.addr] + self.key_args
             if limit:
                 argv += ["--upload-limit", limit]
             ns = None
@@ -265,7 +271,8 @@ class Swarm:
         hub = self.hosts.hub if self.hosts else None
 
         def listed():
-            r = run([BIN / "peer", "--manager", self.addr, "files"], ns=hub, check=False)
+            r = run([BIN / "peer", "--manager", self.addr] + self.key_args + ["files"],
+                    ns=hub, check=False)
             m = re.search(rf"^\s*{re.escape(FILE_NAME)}\s+\d+ bytes\s+(\d+) holders",
                           r.stdout, re.M)
             return m and int(m.group(1)) >= n
@@ -273,7 +280,7 @@ class Swarm:
         wait_for(f"{n} holders of the file", 30, listed, interval=0.1)
 
     def get_args(self, d):
-        argv = [BIN / "peer", "--dir", d, "--manager", self.addr]
+        argv = [BIN / "peer", "--dir", d, "--manager", self.addr] + self.key_args
         if self.hosts:
             argv += ["--listen", f"{self.hosts.hub_ip}:0"]
         return argv + ["get", FILE_NAME]
@@ -539,11 +546,12 @@ class Bench:
     def add(self, med, ref_label, ref_mbps):
         self.rows.append((med, ref_label, ref_mbps))
 
-    def loopback(self, name, mib, limits, clients=1, ref=("raw TCP best", None), floor=20):
+    def loopback(self, name, mib, limits, clients=1, ref=("raw TCP best", None), floor=20,
+                 keyed=False):
         src = self.file(mib)
         work = self.work / re.sub(r"\W+", "-", name).strip("-")
         print(f"== {name}", file=sys.stderr)
-        with Swarm(work, src, limits) as swarm:
+        with Swarm(work, src, limits, keyed=keyed) as swarm:
             med = self.series(name, lambda r: download(
                 swarm, src, work, name, r, self.timeline, clients=clients,
                 timeout=self.timeout_for(mib * clients, floor)))
@@ -577,8 +585,15 @@ class Bench:
         raw.note = "best of the runs (the reference)"
         self.raw_mbps = raw.mbps
         self.add(raw, "", None)
-        self.add(combine(name, gets), "raw TCP best", raw.mbps)
-        self.loopback(f"a2 4 seeders -> 1, {mib} MiB", mib, [None] * 4)
+        open1 = combine(name, gets)
+        self.add(open1, "raw TCP best", raw.mbps)
+        open4 = self.loopback(f"a2 4 seeders -> 1, {mib} MiB", mib, [None] * 4)
+        # The same two with a network key: every byte sealed (Noise,
+        # AES-GCM), chunks read and sealed instead of sendfile.
+        self.loopback(f"k  keyed, 1 seeder -> 1, {mib} MiB", mib, [None],
+                      ref=("open a", open1.mbps), keyed=True)
+        self.loopback(f"k4 keyed, 4 seeders -> 1, {mib} MiB", mib, [None] * 4,
+                      ref=("open a2", open4.mbps), keyed=True)
 
     def scenario_b(self):
         mib = min(self.size_mib, 1024)
