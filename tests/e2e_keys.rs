@@ -298,10 +298,11 @@ fn a_flipped_byte_closes_that_connection_and_the_download_completes_from_others(
     let relay = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay.local_addr().unwrap();
     let seeder_a = keyed_peer(&a, m.addr, KEY, &["--advertise", &relay_addr.to_string()]);
-    // Byte 150 is past the 98-byte handshake answer, in the first sealed
-    // message: always reached, whichever source the scheduler favours.
-    tampering_relay(relay, seeder_a.addr, 150);
-    let _seeder_c = keyed_peer(&c, m.addr, KEY, &[]);
+    // Byte 1 MiB is inside the chunk data A sends (past the handshake and
+    // the 8 KiB manifest). C is capped, so the download is still running
+    // when A, uncapped, gets that far.
+    tampering_relay(relay, seeder_a.addr, 1 << 20);
+    let _seeder_c = keyed_peer(&c, m.addr, KEY, &["--upload-limit", "2MiB"]);
     wait_for(WAIT, "both seeders to share f.bin", || {
         let (ok, out, _) = peer_oneshot(m.addr, &["--key", KEY, "files"]);
         ok && out.contains("2 holders")
