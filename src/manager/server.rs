@@ -42,6 +42,7 @@ pub struct ServerConfig {
 pub struct Server {
     poll: Poll,
     listener: TcpListener,
+    acceptor: net::Acceptor,
     conns: Slab<Conn>,
     registry: Registry,
     stdin: StdinLines,
@@ -83,6 +84,7 @@ impl Server {
         Ok(Server {
             poll,
             listener,
+            acceptor: net::Acceptor::new(),
             conns: Slab::new(),
             registry: Registry::new(config.registry),
             stdin,
@@ -113,6 +115,7 @@ impl Server {
                 self.registry.poll_timeout(),
                 self.handshakes.front().map(|&(t, _)| t),
             );
+            let deadline = net::earliest(deadline, self.acceptor.retry_at(now));
             let timeout = if self.revisit.is_empty() {
                 net::timeout_until(deadline, now)
             } else {
@@ -125,6 +128,9 @@ impl Server {
                 return Err(e);
             }
             let now = Instant::now();
+            if self.acceptor.wants_retry() {
+                self.accept_all(now);
+            }
             for conn in std::mem::take(&mut self.revisit) {
                 self.handle_readable(conn, now);
             }
@@ -173,15 +179,10 @@ impl Server {
     }
 
     fn accept_all(&mut self, now: Instant) {
-        for mut conn in net::accept_pending(&self.listener) {
+        let room = self.max_conns.saturating_sub(self.conns.len());
+        let why = format!("manager is at its limit of {} connections", self.max_conns);
+        for mut conn in self.acceptor.accept(&self.listener, room, &why) {
             let addr = conn.peer_addr();
-            if self.conns.len() >= self.max_conns {
-                conn.refuse_busy(format!(
-                    "manager is at its limit of {} connections",
-                    self.max_conns
-                ));
-                continue;
-            }
             let entry = self.conns.vacant_entry();
             let id = ConnId(entry.key());
             if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {

@@ -768,7 +768,7 @@ impl Conn {
 
     /// Turns a connection away over a limit: a `Busy` error frame, then close.
     pub fn refuse_busy(mut self, reason: String) {
-        log::warn!("refusing {}: {reason}", self.peer);
+        log::debug!("refusing {}: {reason}", self.peer);
         self.send(&Message::Error {
             code: crate::wire::ErrorCode::Busy,
             reason,

@@ -19,26 +19,131 @@ pub struct ConnId(pub usize);
 /// turn; the connection is revisited on the next turn.
 pub const READ_BUDGET: usize = 4 << 20;
 
-/// Accepts every connection waiting on `listener` (edge-triggered: until
-/// `WouldBlock`), with Nagle off, as unregistered `Conn`s. An accept error
-/// (EMFILE and friends) is logged and ends the round; the next event retries.
-pub fn accept_pending(listener: &mio::net::TcpListener) -> Vec<Conn> {
-    let mut accepted = Vec::new();
-    loop {
-        match listener.accept() {
-            Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
-                accepted.push(Conn::new(stream, addr));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::warn!("accept failed: {e}");
-                break;
-            }
+/// Accepting connections without ever wedging: a spare descriptor is kept
+/// so that, when the process is out of descriptors (EMFILE), the waiting
+/// connection can still be accepted, told `Busy` and closed, rather than
+/// left in the queue where an edge-triggered listener never reports it
+/// again.
+pub struct Acceptor {
+    reserve: Option<std::fs::File>,
+    /// The last round ended before the queue was empty: accept again on the
+    /// next turn, since no new edge will announce what still waits.
+    retry: bool,
+}
+
+/// Accept errors in a row (other than running out of descriptors) before a
+/// round gives up and retries next turn.
+const MAX_ACCEPT_ERRORS: usize = 64;
+
+/// Wait before accepting again after a round that could not finish.
+const ACCEPT_RETRY: Duration = Duration::from_millis(20);
+
+impl Acceptor {
+    pub fn new() -> Acceptor {
+        Acceptor {
+            reserve: open_reserve(),
+            retry: false,
         }
     }
-    accepted
+
+    /// Whether connections may still wait from an unfinished round.
+    pub fn wants_retry(&self) -> bool {
+        self.retry
+    }
+
+    /// Accepts every waiting connection (until `WouldBlock`), Nagle off.
+    /// The first `room` come back unregistered; each beyond that is told
+    /// `Busy` with `why` and closed at once, so a burst over the cap never
+    /// holds descriptors.
+    pub fn accept(
+        &mut self,
+        listener: &mio::net::TcpListener,
+        room: usize,
+        why: &str,
+    ) -> Vec<Conn> {
+        self.retry = false;
+        let mut accepted = Vec::new();
+        let (mut errors, mut refused) = (0, 0);
+        loop {
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = Conn::new(stream, addr);
+                    if accepted.len() < room {
+                        accepted.push(conn);
+                    } else {
+                        conn.refuse_busy(why.to_string());
+                        refused += 1;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    if !self.refuse_one_with_reserve(listener) {
+                        log::warn!("accept failed: {e}; retrying next turn");
+                        self.retry = true;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    log::debug!("accept failed: {e}");
+                    errors += 1;
+                    if errors >= MAX_ACCEPT_ERRORS {
+                        self.retry = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if refused > 0 {
+            // One line per burst, not one per connection.
+            log::warn!("refused {refused} connections as busy: {why}");
+        }
+        accepted
+    }
+
+    /// When to try again after an unfinished round: soon, but not a spin
+    /// while the process is out of descriptors.
+    pub fn retry_at(&self, now: Instant) -> Option<Instant> {
+        self.retry.then(|| now + ACCEPT_RETRY)
+    }
+
+    /// Out of descriptors: frees the spare one to accept a waiting
+    /// connection, tells it Busy, closes it, and takes the spare back.
+    fn refuse_one_with_reserve(&mut self, listener: &mio::net::TcpListener) -> bool {
+        if self.reserve.take().is_none() {
+            self.reserve = open_reserve();
+            return false;
+        }
+        let refused = match listener.accept() {
+            Ok((stream, addr)) => {
+                log::warn!("out of file descriptors: refusing {addr} as busy");
+                Conn::new(stream, addr).refuse_busy("out of file descriptors".into());
+                true
+            }
+            Err(_) => false,
+        };
+        self.reserve = open_reserve();
+        refused
+    }
+}
+
+impl Default for Acceptor {
+    fn default() -> Self {
+        Acceptor::new()
+    }
+}
+
+fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
 }
 
 /// The earlier of two optional deadlines.

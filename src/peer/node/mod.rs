@@ -158,6 +158,7 @@ pub struct Node {
     config: NodeConfig,
     poll: Poll,
     listener: TcpListener,
+    acceptor: net::Acceptor,
     store: SharedFolder,
     link: ManagerLink,
     manager_conn: Option<Conn>,
@@ -231,6 +232,7 @@ impl Node {
             config,
             poll,
             listener,
+            acceptor: net::Acceptor::new(),
             store,
             link,
             manager_conn: None,
@@ -300,6 +302,9 @@ impl Node {
             for event in events.iter() {
                 self.handle_event(event, now);
             }
+            if self.acceptor.wants_retry() {
+                self.accept_all(now);
+            }
             self.handle_timers(now);
             if self.store.has_pending_work() && self.store.do_work(HASH_SLICE) {
                 self.open_files.clear();
@@ -355,6 +360,7 @@ impl Node {
 
     fn next_deadline(&self) -> Option<Instant> {
         let mut deadline = net::earliest(self.link.poll_timeout(), Some(self.next_rescan));
+        deadline = net::earliest(deadline, self.acceptor.retry_at(Instant::now()));
         deadline = net::earliest(deadline, self.limiter_wake);
         if !self.downloads.is_empty() {
             deadline = net::earliest(deadline, Some(self.next_progress));

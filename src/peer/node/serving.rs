@@ -13,20 +13,18 @@ use crate::wire;
 
 impl Node {
     pub(super) fn accept_all(&mut self, now: Instant) {
-        for mut conn in net::accept_pending(&self.listener) {
+        let serving = self
+            .conns
+            .iter()
+            .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
+            .count();
+        let room = self.config.max_conns.saturating_sub(serving);
+        let why = format!(
+            "this peer serves at most {} connections",
+            self.config.max_conns
+        );
+        for mut conn in self.acceptor.accept(&self.listener, room, &why) {
             let addr = conn.peer_addr();
-            let serving = self
-                .conns
-                .iter()
-                .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
-                .count();
-            if serving >= self.config.max_conns {
-                conn.refuse_busy(format!(
-                    "this peer serves at most {} connections",
-                    self.config.max_conns
-                ));
-                continue;
-            }
             let entry = self.conns.vacant_entry();
             let id = ConnId(entry.key());
             if let Err(e) = conn.register(self.poll.registry(), Token(id.0)) {
