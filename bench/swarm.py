@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Swarm benchmark: the real `manager` and `peer` binaries, real sockets.
 
-    python3 bench/swarm.py [--size-mib 1024] [--quick] [--out bench-out/]
+    python3 bench/swarm.py [--size-mib 1024] [--quick] [--runs N] [--out bench-out/]
 
 Builds the release binaries, then runs each scenario in temp folders and
 prints one table (median of 5 runs; 1 run with --quick):
@@ -744,10 +744,13 @@ def main():
     ap.add_argument("--size-mib", type=int, default=None,
                     help="file size for scenario a and a2 (default 1024; 256 with --quick)")
     ap.add_argument("--quick", action="store_true", help="256 MiB, one run per scenario")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs per scenario (default 5; 1 with --quick)")
     ap.add_argument("--out", default="bench-out/", help="where the CSV (and PNG) go")
     args = ap.parse_args()
     size_mib = args.size_mib or (256 if args.quick else 1024)
-    runs = 1 if args.quick else 5  # this VM is bimodal run to run: 3 is too few
+    # This VM is bimodal run to run: 3 is too few for the table in the README.
+    runs = args.runs or (1 if args.quick else 5)
     out = Path(args.out)
     if not out.is_absolute():
         out = Path.cwd() / out

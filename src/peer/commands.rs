@@ -12,6 +12,8 @@ pub enum Command {
     /// `get`/`1` without a name: the next line is the name, as in the original.
     AskName,
     Ls,
+    /// `rm-partial NAME|ROOT`: the rest of the line, as typed.
+    RmPartial(String),
     Files,
     Peers,
     Status,
@@ -21,16 +23,20 @@ pub enum Command {
 
 pub const HELP: &str = r#"commands:
   get NAME [HASH]  (1)  download NAME from the peers that hold it
-  ls               (2)  files this peer shares
+  ls               (2)  files this peer shares, then partial files of
+                        unfinished downloads: name, size, % saved, age
+  rm-partial NAME|ROOT  delete the partial file of a download that is not
+                        running (ROOT: its hash, or 12+ leading hex digits)
   peers            (3)  live peers, as the manager last said
   files                 files on the network, with size and holder count
-  status                the download in progress, if any
+  status                the downloads in progress
   quit             (4)  say goodbye to the manager and exit
 NAME is the rest of the line, spaces included: `get my file.txt` fetches
 "my file.txt". Quoted names work too: get "my file.txt" or get 'my file.txt';
 quote a name that starts or ends with a space, starts with a quote, or whose
 last word is 64 hex digits (it would be taken for the HASH). Inside double
-quotes, \" stands for a quote.
+quotes, \" stands for a quote. Several downloads can run at once.
+Partial files untouched for 7 days are deleted when the peer starts.
 "#;
 
 /// Parses one line; `Ok(None)` for a blank line.
@@ -51,6 +57,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             Command::Get { name, hash }
         }
         "ls" | "2" if bare => Command::Ls,
+        "rm-partial" if !bare => Command::RmPartial(rest.to_string()),
         "peers" | "3" if bare => Command::Peers,
         "quit" | "exit" | "q" | "4" if bare => Command::Quit,
         "files" if bare => Command::Files,
@@ -140,6 +147,48 @@ pub fn parse_hash(hash: &str) -> Result<Hash, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command in the README's table of interactive commands is in
+    /// `help`, and every command `help` lists is in the table.
+    #[test]
+    fn help_and_the_readme_list_the_same_commands() {
+        let readme = include_str!("../../README.md");
+        let from_readme: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| command | alias |"))
+            .take_while(|l| l.starts_with('|'))
+            .filter(|l| l.starts_with("| `"))
+            .filter_map(|l| l.trim_start_matches("| `").split([' ', '`']).next())
+            .collect();
+        let from_help: Vec<&str> = HELP
+            .lines()
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(from_help.contains(&"rm-partial"), "{from_help:?}");
+        for cmd in &from_help {
+            assert!(from_readme.contains(cmd), "README lacks {cmd}");
+        }
+        for cmd in &from_readme {
+            assert!(from_help.contains(cmd), "help lacks {cmd}");
+            let line = if *cmd == "get" { "get x" } else { cmd };
+            let line = if *cmd == "rm-partial" {
+                "rm-partial x"
+            } else {
+                line
+            };
+            assert!(parse(line).unwrap().is_some(), "{cmd} does not parse");
+        }
+    }
+
+    #[test]
+    fn rm_partial_takes_the_rest_of_the_line() {
+        assert_eq!(
+            parse("rm-partial my file.txt ").unwrap(),
+            Some(Command::RmPartial("my file.txt".into()))
+        );
+        assert!(parse("rm-partial").is_err());
+    }
 
     #[test]
     fn menu_numbers_alias_the_commands() {

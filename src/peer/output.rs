@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use crate::store::SharedFolder;
-use crate::wire::{NetworkFile, PeerEntry, PeerId};
+use crate::store::{PartialInfo, SharedFolder};
+use crate::wire::{Hash, NetworkFile, PeerEntry, PeerId};
 
 pub fn peer_entries(peers: &[PeerEntry], me: Option<PeerId>) -> String {
     if peers.iter().any(|p| p.key.is_known()) {
@@ -72,6 +72,52 @@ pub fn shared_files(store: &SharedFolder) -> String {
         );
     }
     out
+}
+
+/// `ls`, after the shared files: one line per partial file, with its name
+/// (or `?` when none was recorded), size, share of chunks saved and how long
+/// ago it last changed; the ones in `running` are marked.
+pub fn partial_files(list: &[PartialInfo], running: &[Hash], now: SystemTime) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "{} partial files (unfinished downloads; rm-partial NAME|ROOT deletes one)\n",
+        list.len()
+    );
+    for p in list {
+        let name = p
+            .name
+            .as_ref()
+            .map_or_else(|| "?".to_string(), |n| n.to_string());
+        let age = now.duration_since(p.modified).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<32} {:>10}  {:>3.0}% saved  changed {} ago  {}{}",
+            name,
+            human_size(p.size),
+            p.percent().floor(),
+            human_age(age),
+            p.root.short(),
+            if running.contains(&p.root) {
+                "  (downloading)"
+            } else {
+                ""
+            }
+        );
+    }
+    out
+}
+
+/// How long ago, coarsely: `40 s`, `12 min`, `5 h`, `8 days`.
+pub fn human_age(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{} min", secs / 60),
+        3600..86400 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86400),
+    }
 }
 
 /// `peer peers --json`: `{"peers":[{"id":1,"addr":"127.0.0.1:4001"}]}`,
@@ -250,6 +296,41 @@ mod tests {
             sources: 1,
             path: std::path::PathBuf::from("/tmp/file1.txt"),
         }
+    }
+
+    #[test]
+    fn partial_files_show_name_size_percent_and_age() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10 * 86400);
+        let mut info = PartialInfo {
+            root: Hash([7; 32]),
+            name: Some(name("a\u{1b}b.bin")),
+            size: 2_500_000,
+            chunks: 40,
+            saved: 10,
+            modified: now - Duration::from_secs(3 * 3600 + 5),
+        };
+        let text = partial_files(std::slice::from_ref(&info), &[], now);
+        assert!(text.starts_with("1 partial files"), "{text}");
+        let line = text.lines().nth(1).unwrap();
+        for part in [
+            "a\\x1bb.bin",
+            "2.5 MB",
+            " 25% saved",
+            "changed 3 h ago",
+            &info.root.short(),
+        ] {
+            assert!(line.contains(part), "{part:?} not in {line:?}");
+        }
+        assert!(!line.contains('\u{1b}'));
+        assert!(!line.contains("downloading"));
+        info.name = None;
+        let text = partial_files(&[info.clone()], &[info.root], now);
+        assert!(
+            text.contains("  ?  ") && text.contains("(downloading)"),
+            "{text}"
+        );
+        assert_eq!(partial_files(&[], &[], now), "");
+        assert_eq!(human_age(Duration::from_secs(8 * 86400 + 7)), "8 days");
     }
 
     #[test]

@@ -289,6 +289,44 @@ pub(crate) fn remove_if_present(dir: BorrowedFd<'_>, name: &str) -> io::Result<(
     }
 }
 
+/// The names in `dir` (read through the handle, so no path is resolved).
+pub(crate) fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        // A name that is not UTF-8 is none of ours.
+        if let Ok(name) = entry.file_name().to_str()
+            && name != "."
+            && name != ".."
+        {
+            names.push(name.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Size and last modification of `name` in `dir` if it is a regular file
+/// (a symlink is not followed, so it reads as absent).
+pub(crate) fn regular_stat(
+    dir: BorrowedFd<'_>,
+    name: &str,
+) -> io::Result<Option<(u64, std::time::SystemTime)>> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Ok(None);
+    }
+    let secs = u64::try_from(st.st_mtime).unwrap_or(0);
+    let nanos = u32::try_from(st.st_mtime_nsec)
+        .unwrap_or(0)
+        .min(999_999_999);
+    let modified = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+    Ok(Some((u64::try_from(st.st_size).unwrap_or(0), modified)))
+}
+
 /// Makes renames and creations inside `dir` durable.
 pub(crate) fn sync(dir: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::fs::fsync(dir)?)

@@ -24,7 +24,7 @@ pub use index::{SharedFile, SharedFolder};
 pub use manifest::{
     FileHasher, Manifest, ManifestError, chunk_size_for, hash_chunk, hash_file, root_hash,
 };
-pub use partial::PartialFile;
+pub use partial::{PartialFile, PartialInfo, list_partials, remove_partial, sweep_stale_partials};
 
 /// Folder inside a shared folder where shoal keeps its own state; its leading
 /// dot keeps it (and every other hidden name) out of the shared set.

@@ -1,6 +1,7 @@
 //! Resumable downloads. A download of one version (root) of a file lives in
 //! `DIR/.shoal/partial/<roothex>.part` (the data, sparse, at its final size)
-//! beside `<roothex>.have` (which chunks it holds).
+//! beside `<roothex>.have` (which chunks it holds) and `<roothex>.name` (the
+//! name it will get, so `ls` can show an abandoned download by name).
 //!
 //! The bitmap is only a hint: every chunk it claims is read back and checked
 //! against the manifest before it counts, so a crash between writing data
@@ -14,9 +15,10 @@
 //! link; the finished file is renamed into the folder with `RENAME_NOREPLACE`.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use fixedbitset::FixedBitSet;
 use log::{debug, info, warn};
@@ -32,6 +34,14 @@ const HAVE_MAGIC: &[u8; 8] = b"shoalhav";
 const HAVE_VERSION: u32 = 1;
 /// Magic, version, root, chunk count; the bits follow.
 const HAVE_HEADER_LEN: usize = 8 + 4 + 32 + 4;
+
+/// A `.name` file longer than this is not ours (a name is at most a few
+/// hundred bytes) and is not read.
+const NAME_FILE_MAX: u64 = 4096;
+
+/// The suffixes of a download's files in `.shoal/partial/`, the temp file
+/// of an atomic replace included.
+const SUFFIXES: [&str; 5] = [".part", ".have", ".have.tmp", ".name", ".name.tmp"];
 
 /// A download in progress: its data file and which chunks are in it.
 #[derive(Debug)]
@@ -293,6 +303,8 @@ impl PartialFile {
         }
         dirs::remove_if_present(partial, &self.have_name)
             .unwrap_or_else(|err| warn!("cannot remove {}: {err}", have_path.display()));
+        dirs::remove_if_present(partial, &name_file(&self.manifest.root))
+            .unwrap_or_else(|err| warn!("cannot remove the name of {}: {err}", dest.display()));
         dirs::sync(root).map_err(|err| StoreError::io("sync", self.dirs.path(), err))?;
         // The file is safe in its place; this only makes the cleanup durable.
         dirs::sync(partial).unwrap_or_else(|err| warn!("cannot sync .shoal/partial: {err}"));
@@ -320,10 +332,19 @@ impl PartialFile {
         }
     }
 
+    /// Records the name the download will get, for `ls` to show while it
+    /// is abandoned; skipped when the file already says so.
+    pub fn record_name(&self, name: &FileName) -> io::Result<()> {
+        let file = name_file(&self.manifest.root);
+        if read_name(&self.dirs, &file).as_ref() == Some(name) {
+            return Ok(());
+        }
+        dirs::replace_atomically(self.dirs.partial(), &file, name.as_str().as_bytes())
+    }
+
     /// Deletes the download's files, for a user who wants to start over.
     pub fn discard(self) -> io::Result<()> {
-        dirs::remove_if_present(self.dirs.partial(), &self.data_name)?;
-        dirs::remove_if_present(self.dirs.partial(), &self.have_name)?;
+        remove_partial(&self.dirs, &self.manifest.root)?;
         debug!("discarded download {}", self.manifest.root.short());
         Ok(())
     }
@@ -389,6 +410,163 @@ fn read_bitmap(dirs: &FolderDirs, name: &str, manifest: &Manifest) -> FixedBitSe
         claims.insert(i);
     }
     claims
+}
+
+fn name_file(root: &Hash) -> String {
+    format!("{}.name", root.to_hex())
+}
+
+/// The name recorded in `.name` file `file`, if it holds a valid one.
+fn read_name(dirs: &FolderDirs, file: &str) -> Option<FileName> {
+    let (f, meta) = dirs::open_regular(dirs.partial(), file).ok()?;
+    if meta.len() > NAME_FILE_MAX {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(NAME_FILE_MAX).read_to_end(&mut bytes).ok()?;
+    FileName::new(std::str::from_utf8(&bytes).ok()?).ok()
+}
+
+/// A download's files found in `.shoal/partial/`, running or abandoned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialInfo {
+    pub root: Hash,
+    /// As recorded when the download started; `None` for files from before
+    /// names were recorded, or a `.name` file that is not valid.
+    pub name: Option<FileName>,
+    /// The data file's size (the file's full size), 0 if it is missing.
+    pub size: u64,
+    /// From the saved bitmap: chunks in all, and chunks it claims (each
+    /// verified when written, and read back again on resume). Both 0 when
+    /// there is no valid bitmap.
+    pub chunks: u32,
+    pub saved: u32,
+    /// The latest change to any of its files.
+    pub modified: SystemTime,
+}
+
+impl PartialInfo {
+    /// Share of the chunks saved, 0 to 100.
+    pub fn percent(&self) -> f64 {
+        if self.chunks == 0 {
+            0.0
+        } else {
+            f64::from(self.saved) * 100.0 / f64::from(self.chunks)
+        }
+    }
+}
+
+/// Every download with files in `.shoal/partial/`, by root. Names there that
+/// are not `<64 hex digits>` and one of our suffixes are ignored, as are
+/// symlinks and anything that is not a regular file.
+pub fn list_partials(dirs: &FolderDirs) -> io::Result<Vec<PartialInfo>> {
+    let mut roots: Vec<Hash> = dirs::list_names(dirs.partial())?
+        .iter()
+        .filter_map(|name| {
+            let (hex, suffix) = name.split_at_checked(64)?;
+            SUFFIXES.contains(&suffix).then(|| Hash::from_hex(hex))?
+        })
+        .collect();
+    roots.sort();
+    roots.dedup();
+    let mut out = Vec::with_capacity(roots.len());
+    for root in roots {
+        let hex = root.to_hex();
+        let mut size = 0;
+        let mut modified = None;
+        let mut found = false;
+        for suffix in SUFFIXES {
+            if let Some((len, time)) =
+                dirs::regular_stat(dirs.partial(), &format!("{hex}{suffix}"))?
+            {
+                found = true;
+                if suffix == ".part" {
+                    size = len;
+                }
+                modified = modified.max(Some(time));
+            }
+        }
+        if !found {
+            continue;
+        }
+        let (chunks, saved) = bitmap_counts(dirs, &format!("{hex}.have"), &root);
+        out.push(PartialInfo {
+            root,
+            name: read_name(dirs, &name_file(&root)),
+            size,
+            chunks,
+            saved,
+            modified: modified.unwrap_or(SystemTime::UNIX_EPOCH),
+        });
+    }
+    Ok(out)
+}
+
+/// Chunks in all and chunks claimed by bitmap `name`, or (0, 0) unless it
+/// is a well-formed bitmap of `root`.
+fn bitmap_counts(dirs: &FolderDirs, name: &str, root: &Hash) -> (u32, u32) {
+    let Ok(Some(bytes)) = dirs::read_state_file(dirs.partial(), name) else {
+        return (0, 0);
+    };
+    let Some(header) = bytes.get(..HAVE_HEADER_LEN) else {
+        return (0, 0);
+    };
+    let mut count = [0u8; 4];
+    count.copy_from_slice(&header[44..48]);
+    let count = u32::from_be_bytes(count);
+    let well_formed = header[..8] == HAVE_MAGIC[..]
+        && header[8..12] == HAVE_VERSION.to_be_bytes()
+        && header[12..44] == root.0
+        && bytes.len() - HAVE_HEADER_LEN == (count as usize).div_ceil(8);
+    if !well_formed {
+        return (0, 0);
+    }
+    let mut saved = 0u32;
+    for i in 0..count as usize {
+        if bytes[HAVE_HEADER_LEN + i / 8] & (0x80 >> (i % 8)) != 0 {
+            saved += 1;
+        }
+    }
+    (count, saved)
+}
+
+/// Removes every file of the download of `root` (data, bitmap, name and
+/// leftover temp files); the caller makes sure it is not running.
+pub fn remove_partial(dirs: &FolderDirs, root: &Hash) -> io::Result<()> {
+    let hex = root.to_hex();
+    for suffix in SUFFIXES {
+        dirs::remove_if_present(dirs.partial(), &format!("{hex}{suffix}"))?;
+    }
+    dirs::sync(dirs.partial())?;
+    debug!("removed partial download {}", root.short());
+    Ok(())
+}
+
+/// Removes the downloads whose files were all left untouched for longer
+/// than `max_age` before `now`, and returns them. Meant for start-up, when no
+/// download runs. One that cannot be removed is logged and not returned.
+pub fn sweep_stale_partials(
+    dirs: &FolderDirs,
+    max_age: Duration,
+    now: SystemTime,
+) -> io::Result<Vec<PartialInfo>> {
+    let mut removed = Vec::new();
+    for info in list_partials(dirs)? {
+        let stale = now
+            .duration_since(info.modified)
+            .is_ok_and(|age| age > max_age);
+        if !stale {
+            continue;
+        }
+        match remove_partial(dirs, &info.root) {
+            Ok(()) => removed.push(info),
+            Err(err) => warn!(
+                "cannot remove stale partial download {}: {err}",
+                info.root.short()
+            ),
+        }
+    }
+    Ok(removed)
 }
 
 /// Where a download's files live, for tests that tamper with them.
@@ -721,6 +899,124 @@ mod tests {
         let resumed = PartialFile::open(&dirs(tmp.path()), &manifest).unwrap();
         assert_eq!(resumed.have_count(), 2);
         assert!(resumed.has(past) && resumed.has(tail));
+    }
+
+    /// Sets every file of the download of `root` to `age` ago.
+    fn back_date(dirs: &FolderDirs, root: &Hash, age: Duration) {
+        let then = SystemTime::now() - age;
+        let secs = then
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let stamp = rustix::fs::Timespec {
+            tv_sec: secs as _,
+            tv_nsec: 0,
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: stamp,
+            last_modification: stamp,
+        };
+        for suffix in SUFFIXES {
+            let name = format!("{}{suffix}", root.to_hex());
+            match rustix::fs::utimensat(dirs.partial(), &*name, &times, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(err) => panic!("{name}: {err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn partials_are_listed_with_name_and_progress_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = dirs(tmp.path());
+        let (data, manifest) = sample();
+        assert!(list_partials(&dirs).unwrap().is_empty());
+        let mut partial = PartialFile::open(&dirs, &manifest).unwrap();
+        let name = FileName::new("my file.bin").unwrap();
+        partial.record_name(&name).unwrap();
+        partial.record_name(&name).unwrap();
+        for index in [0, 2, 4] {
+            partial.write_chunk(index, chunk(&data, index)).unwrap();
+        }
+        partial.save_progress().unwrap();
+        drop(partial);
+        // Strangers in the directory are ignored, symlinks never followed.
+        let dir = super::super::partial_dir(tmp.path());
+        fs::write(dir.join("notes.txt"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join(format!("{}.part", "cd".repeat(32))))
+            .unwrap();
+
+        let list = list_partials(&dirs).unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        let info = &list[0];
+        assert_eq!(info.root, manifest.root);
+        assert_eq!(info.name.as_ref(), Some(&name));
+        assert_eq!(info.size, manifest.size);
+        assert_eq!((info.chunks, info.saved), (6, 3));
+        assert_eq!(info.percent(), 50.0);
+        assert!(info.modified.elapsed().unwrap() < Duration::from_secs(60));
+
+        // A hostile name file is not taken for a name.
+        fs::write(dir.join(name_file(&manifest.root)), b"../../etc").unwrap();
+        assert_eq!(list_partials(&dirs).unwrap()[0].name, None);
+
+        remove_partial(&dirs, &manifest.root).unwrap();
+        assert!(list_partials(&dirs).unwrap().is_empty());
+        assert!(dir.join("notes.txt").exists(), "only its own files go");
+        assert!(fs::read("/etc/passwd").is_ok());
+    }
+
+    #[test]
+    fn finishing_removes_the_recorded_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = dirs(tmp.path());
+        let (data, manifest) = sample();
+        let mut partial = PartialFile::open(&dirs, &manifest).unwrap();
+        partial.record_name(&FileName::new("n").unwrap()).unwrap();
+        for index in 0..6 {
+            partial.write_chunk(index, chunk(&data, index)).unwrap();
+        }
+        partial.finish(&FileName::new("n").unwrap()).unwrap();
+        assert!(list_partials(&dirs).unwrap().is_empty());
+    }
+
+    #[test]
+    fn sweep_removes_only_stale_partials() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = dirs(tmp.path());
+        let (data, manifest) = sample();
+        let old = Manifest::from_hashes(10, CHUNK as u32, vec![hash_chunk(&[1u8; 10])]);
+        for m in [&manifest, &old] {
+            let mut partial = PartialFile::open(&dirs, m).unwrap();
+            partial.record_name(&FileName::new("x").unwrap()).unwrap();
+            partial
+                .write_chunk(0, &data[..m.chunk_len(0) as usize])
+                .unwrap();
+            partial.save_progress().unwrap();
+        }
+        back_date(&dirs, &old.root, Duration::from_secs(8 * 86400));
+        let week = Duration::from_secs(7 * 86400);
+        let removed = sweep_stale_partials(&dirs, week, SystemTime::now()).unwrap();
+        assert_eq!(
+            removed.iter().map(|i| i.root).collect::<Vec<_>>(),
+            [old.root]
+        );
+        let left = list_partials(&dirs).unwrap();
+        assert_eq!(
+            left.iter().map(|i| i.root).collect::<Vec<_>>(),
+            [manifest.root]
+        );
+        // A partial with one fresh file is not stale.
+        back_date(&dirs, &manifest.root, Duration::from_secs(8 * 86400));
+        PartialFile::open(&dirs, &manifest)
+            .unwrap()
+            .record_name(&FileName::new("y").unwrap())
+            .unwrap();
+        assert!(
+            sweep_stale_partials(&dirs, week, SystemTime::now())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     proptest::proptest! {

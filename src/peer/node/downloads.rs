@@ -164,6 +164,9 @@ impl Node {
         };
         match PartialFile::open_unverified(self.store.dirs(), manifest) {
             Ok(partial) => {
+                if let Err(e) = partial.record_name(j.core.name()) {
+                    log::warn!("cannot record the name of download {}: {e}", j.core.name());
+                }
                 j.partial = Some(partial);
                 j.verifying = true;
                 self.verify_partials(0, now);

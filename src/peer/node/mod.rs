@@ -8,6 +8,7 @@
 
 mod downloads;
 mod manager_conn;
+mod partials;
 mod serving;
 mod sink;
 
@@ -227,7 +228,7 @@ impl Node {
         let limiter = config
             .upload_limit
             .map(|rate| TokenBucket::new(rate, (rate / 4).max(wire::MAX_CHUNK_SIZE as u64), now));
-        Ok(Node {
+        let mut node = Node {
             next_rescan: now + config.rescan_interval,
             config,
             poll,
@@ -252,7 +253,9 @@ impl Node {
             next_progress: now,
             sink: Box::new(StdoutSink),
             finished: None,
-        })
+        };
+        node.sweep_stale_partials();
+        Ok(node)
     }
 
     /// Sends command output and download reports to `sink` instead of stdout.
@@ -474,7 +477,11 @@ impl Node {
                 self.awaiting_name = true;
                 self.say("file name: ");
             }
-            Command::Ls => self.say(&super::output::shared_files(&self.store)),
+            Command::Ls => {
+                let text = self.ls_text();
+                self.say(&text);
+            }
+            Command::RmPartial(target) => self.rm_partial(&target),
             Command::Peers => self.say(&super::output::peer_map(
                 self.link.peers(),
                 self.link.peer_id(),
