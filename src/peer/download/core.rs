@@ -33,6 +33,10 @@ pub struct DownloadConfig {
     /// Sources asked for the manifest at once, so one silent holder cannot
     /// hold the download.
     pub manifest_fanout: usize,
+    /// While no holder has answered the manifest, one more is asked each
+    /// time this passes (a hedged request): one silent holder costs this
+    /// much, and a prompt one means a single manifest is fetched.
+    pub manifest_hedge: Duration,
     /// "Who has" answers with no holder before the download gives up.
     pub locate_attempts: u32,
     /// First wait before asking the manager again; doubles to `locate_max`.
@@ -61,6 +65,7 @@ impl Default for DownloadConfig {
             hello_timeout: Duration::from_secs(3),
             manifest_timeout: Duration::from_secs(3),
             manifest_fanout: 3,
+            manifest_hedge: Duration::from_millis(500),
             locate_attempts: 5,
             locate_retry: Duration::from_secs(1),
             locate_max: Duration::from_secs(8),
@@ -616,6 +621,7 @@ impl Download {
         if self.phase == Phase::Ended {
             return;
         }
+        self.ask_manifests(now);
         let expired: Vec<(SourceId, &'static str)> = self
             .sources
             .iter()
@@ -675,6 +681,7 @@ impl Download {
             return None;
         }
         let mut t = earliest(self.locate_at, self.next_save);
+        t = earliest(t, self.manifest_hedge_at());
         for s in self.sources.values() {
             t = earliest(t, self.deadline(s));
         }
@@ -809,26 +816,41 @@ impl Download {
         }
     }
 
-    /// Keeps up to `manifest_fanout` greeted sources asked for the manifest.
-    fn ask_manifests(&mut self, now: Instant) {
+    /// When the next hedged manifest request is due, if one may be sent.
+    fn manifest_hedge_at(&self) -> Option<Instant> {
         if self.phase != Phase::Manifest {
-            return;
+            return None;
         }
-        let Some(target) = self.target.as_ref() else {
-            return;
-        };
-        let root = target.root;
-        let asked = self
+        let asked = self.sources.values().filter_map(|s| s.manifest_asked);
+        let (count, newest) = asked.fold((0, None), |(n, t): (usize, Option<Instant>), a| {
+            (n + 1, Some(t.map_or(a, |t| t.max(a))))
+        });
+        let idle = self
             .sources
             .values()
-            .filter(|s| s.manifest_asked.is_some())
-            .count();
+            .any(|s| s.link == Link::Ready && s.manifest_asked.is_none());
+        if !idle || count >= self.config.manifest_fanout {
+            return None;
+        }
+        Some(newest.map_or(self.last_now, |t| t + self.config.manifest_hedge))
+    }
+
+    /// Asks one more greeted source for the manifest if none is asked, or
+    /// if the last ask has gone unanswered for `manifest_hedge`, up to
+    /// `manifest_fanout` at once.
+    fn ask_manifests(&mut self, now: Instant) {
+        if self.manifest_hedge_at().is_none_or(|t| t > now) {
+            return;
+        }
+        let Some(root) = self.target.as_ref().map(|t| t.root) else {
+            return;
+        };
         let idle: Vec<SourceId> = self
             .sources
             .iter()
             .filter(|(_, s)| s.link == Link::Ready && s.manifest_asked.is_none())
             .map(|(&id, _)| id)
-            .take(self.config.manifest_fanout.saturating_sub(asked))
+            .take(1)
             .collect();
         for id in idle {
             if let Some(s) = self.sources.get_mut(&id) {
