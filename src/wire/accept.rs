@@ -7,10 +7,8 @@
 //! stranger's header can never make us reserve more than a few KiB.
 //! The tables are documented in docs/PROTOCOL.md ("Frames accepted per state").
 
-use byteorder::{BigEndian, ByteOrder};
-
 use super::message::{kind, max_body_len};
-use super::{DecodeError, HEADER_LEN, Message, decode};
+use super::{DecodeError, HEADER_LEN, Message, decode, peek_header};
 
 /// The frames one connection state accepts: each kind with its largest body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,21 +44,16 @@ impl Accept {
     /// Checks the header at the front of `buf` against this state: `Ok(None)`
     /// until the 5 header bytes are in, else the kind and the body length.
     pub fn check_header(&self, buf: &[u8]) -> Result<Option<(u8, usize)>, DecodeError> {
-        if buf.len() < HEADER_LEN {
+        // The kind's own checks first (unknown kind, its wire limit).
+        let Some((kind, body_len)) = peek_header(buf)? else {
             return Ok(None);
-        }
-        let len = BigEndian::read_u32(&buf[..4]) as usize;
-        let kind = buf[4];
-        if max_body_len(kind).is_none() {
-            return Err(DecodeError::UnknownKind(kind));
-        }
+        };
         let Some(max) = self.limit(kind) else {
             return Err(DecodeError::Unexpected {
                 kind,
                 state: self.state,
             });
         };
-        let body_len = len.checked_sub(1).ok_or(DecodeError::Truncated { kind })?;
         if body_len > max {
             return Err(DecodeError::TooLong {
                 kind,
@@ -195,6 +188,7 @@ pub const LINK: Accept = Accept::new(
 mod tests {
     use super::*;
     use crate::wire::{Role, encode};
+    use byteorder::{BigEndian, ByteOrder};
 
     fn header(kind: u8, body_len: u32) -> Vec<u8> {
         let mut h = vec![0u8; HEADER_LEN];
