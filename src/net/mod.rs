@@ -6,7 +6,7 @@ mod conn;
 pub mod noise;
 mod stdin;
 
-pub use conn::{CloseReason, Conn, Flow, HANDSHAKE_TIMEOUT, IoStatus, NEEDS_KEY, ReadEnd};
+pub use conn::{CloseReason, Conn, Flow, HANDSHAKE_TIMEOUT, NEEDS_KEY, ReadEnd};
 pub use stdin::StdinLines;
 
 use std::time::{Duration, Instant};
