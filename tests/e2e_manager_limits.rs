@@ -40,10 +40,10 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Hello: magic "SHOL", version 3, role 1 (ManagerClient).
+/// Hello: magic "SHOL", the protocol version, role 1 (ManagerClient).
 fn hello() -> Vec<u8> {
     let mut b = b"SHOL".to_vec();
-    b.write_u16::<BigEndian>(3).unwrap();
+    b.write_u16::<BigEndian>(raw::VERSION).unwrap();
     b.push(0x01);
     frame(HELLO, &b)
 }

@@ -51,7 +51,7 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
 
 fn hello(role: u8) -> Vec<u8> {
     let mut b = b"SHOL".to_vec();
-    b.write_u16::<BigEndian>(3).unwrap();
+    b.write_u16::<BigEndian>(raw::VERSION).unwrap();
     b.push(role);
     frame(0x01, &b)
 }

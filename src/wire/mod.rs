@@ -33,8 +33,10 @@ pub const MAGIC: [u8; 4] = *b"SHOL";
 /// Version 2: `ListFiles`/`ListPeers` carry a cursor and `FileList`/`PeerList`
 /// a `more` flag (paged answers); `Holders` carries a `truncated` flag and a
 /// holder count per group. Version 3: every peer entry carries the peer's
-/// public key (section 9).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// public key (section 9). Version 4: swarming (`HaveMap`, `Have`,
+/// `NoChunk`: partial holders serve what they have) and networks above the
+/// full-list threshold (`PeerCount`).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;
