@@ -95,6 +95,7 @@ pub const SERVING: Accept = Accept::new(
     "serving",
     &[
         (kind::GET_MANIFEST, CONTROL),
+        (kind::GET_HAVE_MAP, CONTROL),
         (kind::GET_CHUNK, CONTROL),
         (kind::CANCEL, CONTROL),
         (kind::PING, CONTROL),
@@ -108,6 +109,9 @@ pub const SOURCE_AWAITING_MANIFEST: Accept = Accept::new(
     "awaiting manifest",
     &[
         (kind::MANIFEST, usize::MAX),
+        // Asked for at the hello, so it may come before the manifest.
+        (kind::HAVE_MAP, LIST),
+        (kind::HAVE, LIST),
         (kind::ERROR, CONTROL),
         (kind::PONG, CONTROL),
         (kind::GOODBYE, CONTROL),
@@ -119,6 +123,9 @@ pub const SOURCE_TRANSFERRING: Accept = Accept::new(
     "transferring",
     &[
         (kind::CHUNK, CHUNK),
+        (kind::HAVE_MAP, LIST),
+        (kind::HAVE, LIST),
+        (kind::NO_CHUNK, CONTROL),
         (kind::ERROR, CONTROL),
         (kind::PONG, CONTROL),
         (kind::GOODBYE, CONTROL),
@@ -206,6 +213,9 @@ mod tests {
             (MANAGER_BEFORE_HELLO, kind::REGISTER),
             (MANAGER_CLIENT, kind::SHARE_FILES),
             (SOURCE_AWAITING_MANIFEST, kind::CHUNK),
+            (SOURCE_AWAITING_MANIFEST, kind::NO_CHUNK),
+            (SERVING, kind::HAVE_MAP),
+            (SERVING, kind::HAVE),
             (SOURCE_TRANSFERRING, kind::MANIFEST),
         ] {
             let err = accept.check_header(&header(kind, 10)).unwrap_err();

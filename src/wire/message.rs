@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use byteorder::{BigEndian, ByteOrder, WriteBytesExt};
+use fixedbitset::FixedBitSet;
 
 use super::cursor::Cursor;
 use super::types::{
@@ -38,7 +39,14 @@ pub mod kind {
     pub const GET_CHUNK: u8 = 0x22;
     pub const CHUNK: u8 = 0x23;
     pub const CANCEL: u8 = 0x24;
+    pub const GET_HAVE_MAP: u8 = 0x25;
+    pub const HAVE_MAP: u8 = 0x26;
+    pub const HAVE: u8 = 0x27;
+    pub const NO_CHUNK: u8 = 0x28;
 }
+
+/// Chunk indices one `Have` frame carries at most.
+pub const MAX_HAVE_BATCH: usize = 1024;
 
 /// Limit for frames that carry lists (peers, files, holders).
 pub const LIST_BODY_MAX: usize = 8 << 20;
@@ -159,6 +167,28 @@ pub enum Message<'a> {
         root: Hash,
         index: u32,
     },
+    /// Downloader -> holder: which chunks of `root` do you hold? Answered by
+    /// `HaveMap`, then a `Have` for each batch verified later.
+    GetHaveMap {
+        root: Hash,
+    },
+    /// The chunks of `root` the sender holds: `None` for every one of them
+    /// (a complete file), else a set of exactly `chunks` bits.
+    HaveMap {
+        root: Hash,
+        chunks: u32,
+        have: Option<FixedBitSet>,
+    },
+    /// Chunks of `root` the sender has verified since its `HaveMap`.
+    Have {
+        root: Hash,
+        indices: Vec<u32>,
+    },
+    /// The answer to a `GetChunk` for a chunk the sender does not hold (yet).
+    NoChunk {
+        root: Hash,
+        index: u32,
+    },
 }
 
 impl Message<'_> {
@@ -191,6 +221,10 @@ pub fn kind_name(kind: u8) -> &'static str {
         kind::GET_CHUNK => "get-chunk",
         kind::CHUNK => "chunk",
         kind::CANCEL => "cancel",
+        kind::GET_HAVE_MAP => "get-have-map",
+        kind::HAVE_MAP => "have-map",
+        kind::HAVE => "have",
+        kind::NO_CHUNK => "no-chunk",
         _ => "unknown",
     }
 }
@@ -203,6 +237,8 @@ pub fn max_body_len(kind: u8) -> Option<usize> {
         kind::MANIFEST => 32 + 8 + 4 + 4 + 32 * MAX_CHUNKS as usize,
         kind::SHARE_FILES => MAX_SHARE_FILES_BODY,
         kind::PEER_LIST | kind::PEER_DELTA | kind::HOLDERS | kind::FILE_LIST => LIST_BODY_MAX,
+        kind::HAVE_MAP => 32 + 4 + 1 + (MAX_CHUNKS as usize).div_ceil(8),
+        kind::HAVE => 32 + 2 + 4 * MAX_HAVE_BATCH,
         kind::HELLO
         | kind::ERROR
         | kind::GOODBYE
@@ -215,7 +251,9 @@ pub fn max_body_len(kind: u8) -> Option<usize> {
         | kind::LIST_PEERS
         | kind::GET_MANIFEST
         | kind::GET_CHUNK
-        | kind::CANCEL => SMALL_BODY_MAX,
+        | kind::CANCEL
+        | kind::GET_HAVE_MAP
+        | kind::NO_CHUNK => SMALL_BODY_MAX,
         _ => return None,
     })
 }
@@ -408,8 +446,63 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
             root: Hash(c.array()?),
             index: c.u32()?,
         },
+        kind::GET_HAVE_MAP => Message::GetHaveMap {
+            root: Hash(c.array()?),
+        },
+        kind::HAVE_MAP => {
+            let root = Hash(c.array()?);
+            let chunks = c.u32()?;
+            if chunks > MAX_CHUNKS {
+                return Err(c.bad("chunk count"));
+            }
+            let have = match c.u8()? {
+                1 => None,
+                0 => Some(read_have_bits(c, chunks)?),
+                _ => return Err(c.bad("complete flag")),
+            };
+            Message::HaveMap { root, chunks, have }
+        }
+        kind::HAVE => {
+            let root = Hash(c.array()?);
+            let n = c.u16()? as usize;
+            if n > MAX_HAVE_BATCH {
+                return Err(c.bad("have count"));
+            }
+            let indices = (0..n).map(|_| c.u32()).collect::<Result<_, _>>()?;
+            Message::Have { root, indices }
+        }
+        kind::NO_CHUNK => Message::NoChunk {
+            root: Hash(c.array()?),
+            index: c.u32()?,
+        },
         other => return Err(DecodeError::UnknownKind(other)),
     })
+}
+
+/// A have-map's bits: `chunks` of them, bit `i` being bit `i % 8` (least
+/// significant first) of byte `i / 8`; the spare bits of the last byte are 0.
+fn read_have_bits(c: &mut Cursor<'_>, chunks: u32) -> Result<FixedBitSet, DecodeError> {
+    let bytes = c.bytes((chunks as usize).div_ceil(8))?;
+    let mut have = FixedBitSet::with_capacity(chunks as usize);
+    for (i, &b) in bytes.iter().enumerate() {
+        for bit in (0..8).filter(|bit| b & (1 << bit) != 0) {
+            let index = i * 8 + bit;
+            if index >= chunks as usize {
+                return Err(c.bad("have-map spare bits"));
+            }
+            have.insert(index);
+        }
+    }
+    Ok(have)
+}
+
+fn put_have_bits(out: &mut Vec<u8>, have: &FixedBitSet, chunks: u32) {
+    let len = (chunks as usize).div_ceil(8);
+    let at = out.len();
+    out.resize(at + len, 0);
+    for index in have.ones().filter(|&i| i < chunks as usize) {
+        out[at + index / 8] |= 1 << (index % 8);
+    }
 }
 
 /// A `u8` that must be 0 or 1.
@@ -549,6 +642,10 @@ fn message_kind(msg: &Message<'_>) -> u8 {
         Message::GetChunk { .. } => kind::GET_CHUNK,
         Message::Chunk { .. } => kind::CHUNK,
         Message::Cancel { .. } => kind::CANCEL,
+        Message::GetHaveMap { .. } => kind::GET_HAVE_MAP,
+        Message::HaveMap { .. } => kind::HAVE_MAP,
+        Message::Have { .. } => kind::HAVE,
+        Message::NoChunk { .. } => kind::NO_CHUNK,
     }
 }
 
@@ -652,7 +749,29 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
             chunk_size,
             hashes,
         } => put_manifest_body(out, root, *size, *chunk_size, hashes),
-        Message::GetChunk { root, index } | Message::Cancel { root, index } => {
+        Message::GetHaveMap { root } => out.extend_from_slice(&root.0),
+        Message::HaveMap { root, chunks, have } => {
+            out.extend_from_slice(&root.0);
+            put_u32(out, *chunks);
+            match have {
+                None => out.push(1),
+                Some(have) => {
+                    out.push(0);
+                    put_have_bits(out, have, *chunks);
+                }
+            }
+        }
+        Message::Have { root, indices } => {
+            out.extend_from_slice(&root.0);
+            // Senders batch at most MAX_HAVE_BATCH (the decoder's limit).
+            put_u16(out, indices.len().min(MAX_HAVE_BATCH) as u16);
+            for index in indices.iter().take(MAX_HAVE_BATCH) {
+                put_u32(out, *index);
+            }
+        }
+        Message::GetChunk { root, index }
+        | Message::Cancel { root, index }
+        | Message::NoChunk { root, index } => {
             out.extend_from_slice(&root.0);
             put_u32(out, *index);
         }

@@ -17,8 +17,9 @@ mod tests;
 pub use accept::Accept;
 pub use error::DecodeError;
 pub use message::{
-    LIST_BODY_MAX, Message, SMALL_BODY_MAX, decode, encode, encode_chunk_header, encode_manifest,
-    encode_manifest_hashes, encode_manifest_prefix, kind, kind_name, max_body_len, peek_header,
+    LIST_BODY_MAX, MAX_HAVE_BATCH, Message, SMALL_BODY_MAX, decode, encode, encode_chunk_header,
+    encode_manifest, encode_manifest_hashes, encode_manifest_prefix, kind, kind_name, max_body_len,
+    peek_header,
 };
 pub use types::{
     ErrorCode, FileCursor, FileName, FileSummary, Hash, HolderGroup, NetworkFile, PeerEntry,

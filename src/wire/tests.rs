@@ -506,6 +506,90 @@ fn cancel_cases() -> Vec<Case> {
     )]
 }
 
+fn get_have_map_cases() -> Vec<Case> {
+    vec![(
+        Message::GetHaveMap {
+            root: Hash([0xaa; 32]),
+        },
+        cat(&[&[0, 0, 0, 0x21, 0x25], &[0xaa; 32]]),
+    )]
+}
+
+fn have_map_cases() -> Vec<Case> {
+    // Chunks 0, 3 and 9 of 10: bit i is bit i % 8 of byte i / 8.
+    let mut some = fixedbitset::FixedBitSet::with_capacity(10);
+    for i in [0, 3, 9] {
+        some.insert(i);
+    }
+    vec![
+        (
+            Message::HaveMap {
+                root: Hash([0xaa; 32]),
+                chunks: 10,
+                have: Some(some),
+            },
+            cat(&[
+                &[0, 0, 0, 0x28, 0x26],
+                &[0xaa; 32],
+                &[0, 0, 0, 10, 0],
+                &[0b0000_1001, 0b0000_0010],
+            ]),
+        ),
+        (
+            Message::HaveMap {
+                root: Hash([0xaa; 32]),
+                chunks: 10,
+                have: None,
+            },
+            cat(&[&[0, 0, 0, 0x26, 0x26], &[0xaa; 32], &[0, 0, 0, 10, 1]]),
+        ),
+    ]
+}
+
+fn have_cases() -> Vec<Case> {
+    vec![(
+        Message::Have {
+            root: Hash([0xaa; 32]),
+            indices: vec![5, 0x0102_0304],
+        },
+        cat(&[
+            &[0, 0, 0, 0x2b, 0x27],
+            &[0xaa; 32],
+            &[0, 2, 0, 0, 0, 5, 1, 2, 3, 4],
+        ]),
+    )]
+}
+
+fn no_chunk_cases() -> Vec<Case> {
+    vec![(
+        Message::NoChunk {
+            root: Hash([0xaa; 32]),
+            index: 7,
+        },
+        cat(&[&[0, 0, 0, 0x25, 0x28], &[0xaa; 32], &[0, 0, 0, 7]]),
+    )]
+}
+
+#[test]
+fn a_have_map_with_spare_bits_set_or_too_many_chunks_is_refused() {
+    let mut frame = cat(&[
+        &[0, 0, 0, 0x28, 0x26],
+        &[0xaa; 32],
+        &[0, 0, 0, 10, 0],
+        &[0, 0b100],
+    ]);
+    assert!(decode(&frame).is_err(), "bit 10 of a 10-chunk map");
+    frame[43] = 0b10;
+    assert!(decode(&frame).is_ok());
+    let too_many = cat(&[
+        &[0, 0, 0, 0x26, 0x26],
+        &[0xaa; 32],
+        &[0xff, 0xff, 0xff, 0xff],
+        &[1],
+    ]);
+    assert!(decode(&too_many).is_err());
+}
+
 fn all_cases() -> Vec<Case> {
     [
         hello_cases(),
@@ -528,6 +612,10 @@ fn all_cases() -> Vec<Case> {
         get_chunk_cases(),
         chunk_cases(),
         cancel_cases(),
+        get_have_map_cases(),
+        have_map_cases(),
+        have_cases(),
+        no_chunk_cases(),
     ]
     .concat()
 }
@@ -556,9 +644,13 @@ fn variant(msg: &Message<'_>) -> usize {
         Message::GetChunk { .. } => 17,
         Message::Chunk { .. } => 18,
         Message::Cancel { .. } => 19,
+        Message::GetHaveMap { .. } => 20,
+        Message::HaveMap { .. } => 21,
+        Message::Have { .. } => 22,
+        Message::NoChunk { .. } => 23,
     }
 }
-const VARIANTS: usize = 20;
+const VARIANTS: usize = 24;
 
 macro_rules! golden_tests {
     ($($test:ident => $cases:ident,)*) => {
@@ -594,6 +686,10 @@ golden_tests! {
     golden_get_chunk => get_chunk_cases,
     golden_chunk => chunk_cases,
     golden_cancel => cancel_cases,
+    golden_get_have_map => get_have_map_cases,
+    golden_have_map => have_map_cases,
+    golden_have => have_cases,
+    golden_no_chunk => no_chunk_cases,
 }
 
 #[test]
@@ -684,7 +780,7 @@ fn unknown_kinds_are_refused() {
         let f = [0, 0, 0, 100, kind];
         assert_eq!(decode(&f), Err(DecodeError::UnknownKind(kind)));
     }
-    assert_eq!(unknown, 256 - 20);
+    assert_eq!(unknown, 256 - VARIANTS);
 }
 
 #[test]

@@ -189,5 +189,17 @@ pub fn message() -> impl Strategy<Value = Message<'static>> {
         4 => (root(), index()).prop_map(|(root, index)| Message::GetChunk { root, index }),
         1 => (index(), 0..PAYLOAD.len()).prop_map(|(index, n)| Message::Chunk { index, data: &PAYLOAD[..n] }),
         2 => (root(), index()).prop_map(|(root, index)| Message::Cancel { root, index }),
+        1 => root().prop_map(|root| Message::GetHaveMap { root }),
+        2 => (root(), 0u32..40, prop::collection::vec(any::<bool>(), 40))
+            .prop_map(|(root, chunks, bits)| {
+                let mut have = fixedbitset::FixedBitSet::with_capacity(chunks as usize);
+                for i in (0..chunks as usize).filter(|&i| bits[i]) {
+                    have.insert(i);
+                }
+                Message::HaveMap { root, chunks, have: Some(have) }
+            }),
+        1 => (root(), 0u32..40).prop_map(|(root, chunks)| Message::HaveMap { root, chunks, have: None }),
+        2 => (root(), prop::collection::vec(index(), 0..6)).prop_map(|(root, indices)| Message::Have { root, indices }),
+        1 => (root(), index()).prop_map(|(root, index)| Message::NoChunk { root, index }),
     ]
 }
