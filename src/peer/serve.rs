@@ -3,9 +3,15 @@
 //! valid chunk requests up to a bound, and hands them out one at a time when
 //! the shell has room in the socket buffer, so disk reads never outrun the
 //! network. Bad requests get an error frame and the connection is closed.
+//! A file still downloading is served too: a request for a chunk not yet
+//! verified here is answered `NoChunk`, and a client that asked for the
+//! have-map is sent `Have` batches as chunks verify (the shell sends them,
+//! to every session [`ServeSession::watching`] the root).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use fixedbitset::FixedBitSet;
 
 use crate::store::Manifest;
 use crate::wire::{Accept, ErrorCode, FileName, Hash, Message, PROTOCOL_VERSION, Role, accept};
@@ -14,6 +20,11 @@ use crate::wire::{Accept, ErrorCode, FileName, Hash, Message, PROTOCOL_VERSION, 
 pub trait Catalog {
     fn find_by_name(&self, name: &FileName) -> Option<&Manifest>;
     fn find_by_root(&self, root: &Hash) -> Option<&Manifest>;
+    /// The verified chunks of `root` if it is still downloading; `None` for
+    /// a complete file (or none at all).
+    fn held_chunks(&self, _root: &Hash) -> Option<&FixedBitSet> {
+        None
+    }
 }
 
 /// Limits of one serving connection.
@@ -68,6 +79,8 @@ pub struct ServeSession {
     state: State,
     queue: VecDeque<ChunkRequest>,
     actions: VecDeque<ServeAction>,
+    /// The root whose have-map the client asked for: it gets `Have`s.
+    watching: Option<Hash>,
 }
 
 impl ServeSession {
@@ -78,6 +91,7 @@ impl ServeSession {
             state: State::AwaitingHello { since: now },
             queue: VecDeque::new(),
             actions: VecDeque::new(),
+            watching: None,
         };
         session.send(Message::Hello {
             version: PROTOCOL_VERSION,
@@ -111,6 +125,19 @@ impl ServeSession {
                     None => self.refuse(ErrorCode::NotFound, format!("{name} is not shared here")),
                 }
             }
+            (State::Ready { .. }, Message::GetHaveMap { root }) => {
+                self.state = State::Ready { last_request: now };
+                let Some(m) = catalog.find_by_root(&root) else {
+                    return self.refuse(
+                        ErrorCode::NotFound,
+                        format!("no shared file has root {}", root.short()),
+                    );
+                };
+                let have = catalog.held_chunks(&root).cloned();
+                self.watching = have.is_some().then_some(root);
+                let chunks = m.chunk_count();
+                self.send(Message::HaveMap { root, chunks, have });
+            }
             (State::Ready { .. }, Message::GetChunk { root, index }) => {
                 self.state = State::Ready { last_request: now };
                 self.handle_get_chunk(root, index, catalog);
@@ -141,6 +168,12 @@ impl ServeSession {
                 format!("chunk {index} is past the end ({} chunks)", m.chunk_count()),
             );
         }
+        if catalog
+            .held_chunks(&root)
+            .is_some_and(|h| !h.contains(index as usize))
+        {
+            return self.send(Message::NoChunk { root, index });
+        }
         if self.queue.len() >= self.config.max_queue {
             return self.refuse(
                 ErrorCode::Busy,
@@ -167,6 +200,11 @@ impl ServeSession {
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The root this client follows with `Have`s, while it is downloading here.
+    pub fn watching(&self) -> Option<&Hash> {
+        self.watching.as_ref()
     }
 
     /// The shell could not read a chunk from disk (file gone, I/O error).

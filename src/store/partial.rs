@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use fixedbitset::FixedBitSet;
@@ -48,7 +49,9 @@ const SUFFIXES: [&str; 5] = [".part", ".have", ".have.tmp", ".name", ".name.tmp"
 pub struct PartialFile {
     manifest: Manifest,
     dirs: FolderDirs,
-    data: File,
+    /// Shared with chunk sends in progress: a peer still downloading serves
+    /// the chunks it has verified straight from this file.
+    data: Rc<File>,
     /// Names inside `.shoal/partial/`.
     data_name: String,
     have_name: String,
@@ -99,7 +102,7 @@ impl PartialFile {
         Ok(PartialFile {
             manifest: manifest.clone(),
             dirs: dirs.clone(),
-            data,
+            data: Rc::new(data),
             data_name,
             have_name,
             data_path,
@@ -221,6 +224,11 @@ impl PartialFile {
     pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.manifest.chunk_count())
             .filter(|&index| !self.has(index) && !self.is_unverified(index))
+    }
+
+    /// The data file, for serving the chunks [`PartialFile::have`] names.
+    pub fn data_file(&self) -> Rc<File> {
+        self.data.clone()
     }
 
     /// Where the data is being written.

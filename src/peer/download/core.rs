@@ -7,6 +7,7 @@
 //! never greets, never answers the manifest or stalls mid-transfer is given
 //! up on, and one that says Busy is asked again later with backoff.
 
+use fixedbitset::FixedBitSet;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -151,6 +152,12 @@ struct Source {
     manifest_asked: Option<Instant>,
     /// Handed to the scheduler.
     scheduled: bool,
+    /// Its answer to `GetHaveMap`, until it is handed to the scheduler:
+    /// `None` before the answer, `Some(None)` for a complete holder,
+    /// `Some(Some(bits))` for one still downloading (`Have`s add bits).
+    holding: Option<Option<FixedBitSet>>,
+    /// Asked for its have-map at this time and not yet answered.
+    have_asked: Option<Instant>,
 }
 
 /// A holder to leave alone until `until`; `delay` doubles per failure.
@@ -469,6 +476,22 @@ impl Download {
                     }
                 }
             }
+            Message::HaveMap { root, chunks, have } if s.holding.is_none() && !s.scheduled => {
+                if !self.is_our_version(root, chunks) {
+                    self.protocol_violation(source, "a have-map of another version", now);
+                } else if let Some(s) = self.sources.get_mut(&source) {
+                    s.holding = Some(have);
+                    s.have_asked = None;
+                    self.schedule_source(source, now);
+                }
+            }
+            Message::Have { root, indices } => self.handle_have(source, root, &indices, now),
+            Message::NoChunk { root, index } if self.is_our_version(root, 0) => {
+                log::debug!("peer {peer} does not hold chunk {index} yet");
+                if let Some(sched) = self.scheduler.as_mut() {
+                    sched.handle_no_chunk(source, index, now);
+                }
+            }
             Message::Error { code, reason } => {
                 log::warn!("peer {peer} at {} refused: {reason} ({code:?})", s.addr);
                 match code {
@@ -582,7 +605,7 @@ impl Download {
         let ready: Vec<SourceId> = self
             .sources
             .iter()
-            .filter(|(_, s)| s.link == Link::Ready && s.manifest_asked.is_none())
+            .filter(|(_, s)| s.link == Link::Ready && s.holding.is_some())
             .map(|(&id, _)| id)
             .collect();
         for id in ready {
@@ -796,6 +819,8 @@ impl Download {
                 link: Link::Connecting { since: now },
                 manifest_asked: None,
                 scheduled: false,
+                holding: None,
+                have_asked: None,
             },
         );
         self.actions.push_back(Action::Connect {
@@ -804,16 +829,70 @@ impl Download {
         });
     }
 
+    /// The holder said hello: ask what it holds of our version (a complete
+    /// holder answers "all", a peer still downloading its bits), and the
+    /// manifest if we have none. It is handed to the scheduler once it has
+    /// answered and the partial file is open.
     fn handle_greeted(&mut self, source: SourceId, now: Instant) {
         if let Some(s) = self.sources.get_mut(&source) {
             s.link = Link::Ready;
         }
-        match self.phase {
-            Phase::Manifest => self.ask_manifests(now),
-            Phase::Transferring => self.schedule_source(source, now),
-            // Preparing: it is handed to the scheduler once the file is open.
-            _ => {}
+        if self.phase == Phase::Manifest {
+            self.ask_manifests(now);
         }
+        if let Some(root) = self.target.as_ref().map(|t| t.root) {
+            if let Some(s) = self.sources.get_mut(&source) {
+                s.have_asked = Some(now);
+            }
+            self.send(source, Message::GetHaveMap { root });
+        }
+    }
+
+    /// Whether `root` (and `chunks`, unless 0) name the version we fetch.
+    fn is_our_version(&self, root: Hash, chunks: u32) -> bool {
+        self.target.as_ref().is_some_and(|t| t.root == root)
+            && (chunks == 0
+                || self
+                    .manifest
+                    .as_ref()
+                    .is_none_or(|m| m.chunk_count() == chunks))
+    }
+
+    /// A `Have` batch: chunks `source` verified since its have-map.
+    fn handle_have(&mut self, source: SourceId, root: Hash, indices: &[u32], now: Instant) {
+        let chunks = self.manifest.as_ref().map_or(u32::MAX, |m| m.chunk_count());
+        if !self.is_our_version(root, 0) || indices.iter().any(|&i| i >= chunks) {
+            return self.protocol_violation(source, "a have of another version", now);
+        }
+        let Some(s) = self.sources.get_mut(&source) else {
+            return;
+        };
+        match (&mut s.holding, s.scheduled) {
+            (_, true) => {
+                if let Some(sched) = self.scheduler.as_mut() {
+                    for &i in indices {
+                        sched.handle_have(source, i, now);
+                    }
+                }
+            }
+            (Some(Some(bits)), false) => {
+                for &i in indices {
+                    bits.grow(i as usize + 1);
+                    bits.insert(i as usize);
+                }
+            }
+            (Some(None), false) => {} // complete: it had them all along
+            (None, false) => self.protocol_violation(source, "a have before its have-map", now),
+        }
+    }
+
+    /// `source` broke the protocol: never asked again.
+    fn protocol_violation(&mut self, source: SourceId, what: &str, now: Instant) {
+        if let Some(s) = self.sources.get(&source) {
+            log::warn!("peer {} at {} sent {what}; dropping it", s.peer, s.addr);
+            self.banned.insert(s.peer);
+        }
+        self.drop_source(source, now);
     }
 
     /// When the next hedged manifest request is due, if one may be sent.
@@ -894,14 +973,27 @@ impl Download {
     }
 
     fn schedule_source(&mut self, source: SourceId, now: Instant) {
-        let (Some(sched), Some(s)) = (self.scheduler.as_mut(), self.sources.get_mut(&source))
-        else {
+        let (Some(sched), Some(s), Some(m)) = (
+            self.scheduler.as_mut(),
+            self.sources.get_mut(&source),
+            self.manifest.as_ref(),
+        ) else {
             return;
         };
-        if s.link == Link::Ready && s.manifest_asked.is_none() && !s.scheduled {
-            s.scheduled = true;
-            sched.add_source(source, now);
+        if s.link != Link::Ready || s.manifest_asked.is_some() || s.scheduled {
+            return;
         }
+        let Some(holding) = s.holding.take() else {
+            return; // its have-map is still to come
+        };
+        if holding
+            .as_ref()
+            .is_some_and(|h| h.len() > m.chunk_count() as usize)
+        {
+            return self.protocol_violation(source, "a have-map of another size", now);
+        }
+        s.scheduled = true;
+        sched.add_source_holding(source, holding, now);
     }
 
     fn handle_chunk(
@@ -960,7 +1052,9 @@ impl Download {
                     match reason {
                         // Not asked again at once: the next "who has" would
                         // hand it straight back, ahead of holders untried.
-                        DropReason::Stalled => self.back_off(peer, self.last_now),
+                        DropReason::Stalled | DropReason::Lacking => {
+                            self.back_off(peer, self.last_now)
+                        }
                         DropReason::Corrupt | DropReason::Unrequested => {
                             self.banned.insert(peer);
                         }
@@ -1019,7 +1113,9 @@ impl Download {
             Link::Connecting { since } | Link::AwaitingHello { since } => {
                 Some(since + self.config.hello_timeout)
             }
-            Link::Ready => s.manifest_asked.map(|t| t + self.config.manifest_timeout),
+            Link::Ready => {
+                earliest(s.manifest_asked, s.have_asked).map(|t| t + self.config.manifest_timeout)
+            }
         }
     }
 
@@ -1028,7 +1124,8 @@ impl Download {
         Some(match s.link {
             Link::Connecting { .. } => "connect timed out",
             Link::AwaitingHello { .. } => "no hello",
-            Link::Ready => "no manifest",
+            Link::Ready if s.manifest_asked.is_some() => "no manifest",
+            Link::Ready => "no have-map",
         })
     }
 

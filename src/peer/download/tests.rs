@@ -714,6 +714,19 @@ impl<'a> Sim<'a> {
                 };
                 self.reply(back, s, msg);
             }
+            (Message::GetHaveMap { root: want }, _) => {
+                if want != root {
+                    self.reply(back, s, error(ErrorCode::NotFound));
+                    return self.push(back + 1, Event::Closed(s));
+                }
+                let chunks = self.original.manifest.chunk_count();
+                let msg = Message::HaveMap {
+                    root,
+                    chunks,
+                    have: None,
+                };
+                self.reply(back, s, msg);
+            }
             (_, Behaviour::ManifestOnly) => {}
             (Message::GetChunk { root: want, index }, _) => {
                 if let Some(c) = self.conns.get_mut(&s) {

@@ -33,11 +33,22 @@ pub(in crate::peer) struct Job {
     progress: Option<ProgressReport>,
     /// The partial file's claims are being re-verified, a slice per turn.
     verifying: bool,
+    /// Chunks verified and stored since the last `Have` went out.
+    pub(super) unannounced: Vec<u32>,
 }
 
 impl Job {
     pub(super) fn is_verifying(&self) -> bool {
         self.verifying
+    }
+
+    /// The manifest and the partial file, once this download can serve the
+    /// chunks it has verified (its file open, its old claims re-checked).
+    pub(super) fn serving(&self) -> Option<(&crate::store::Manifest, &PartialFile)> {
+        match (self.core.manifest(), self.partial.as_ref()) {
+            (Some(m), Some(p)) if !self.verifying => Some((m, p)),
+            _ => None,
+        }
     }
 
     /// Makes verified chunks durable so a crash keeps them.
@@ -65,6 +76,10 @@ impl Node {
             max_sources: self.config.max_peers,
             ..DownloadConfig::default()
         };
+        let mut config = config;
+        // Downloaders of one seeder start at different chunks, so they have
+        // something to trade (the scheduler's tie-break).
+        config.scheduler.start_chunk = fastrand::u32(..);
         let core = Download::new(request, local, config, now);
         let job = self.downloads.insert(Job {
             core,
@@ -72,6 +87,7 @@ impl Node {
             conns: BTreeMap::new(),
             progress: None,
             verifying: false,
+            unannounced: Vec::new(),
         });
         self.apply_download_actions(job, now);
     }
@@ -219,11 +235,15 @@ impl Node {
             ));
         }
         j.core.handle_partial_ready(Ok((have, free)), now);
+        // From now on it serves what it verifies: a partial holder.
+        self.share_with_manager();
     }
 
     /// Every chunk is verified: move the file into the folder and share it
     /// at once, with the manifest it was verified against (no rehash).
     fn finish_download(&mut self, job: usize, now: Instant) {
+        // Followers hear of the last chunks before the file stops being partial.
+        self.announce(job);
         let Some(j) = self.downloads.get_mut(job) else {
             return;
         };
@@ -234,13 +254,13 @@ impl Node {
         };
         if result.is_ok()
             && let Some(manifest) = j.core.manifest().cloned()
+            && let Err(e) = self.store.add_downloaded(name, manifest)
         {
-            match self.store.add_downloaded(name, manifest) {
-                Ok(()) => self.link.set_shared(self.store.summaries()),
-                Err(e) => log::warn!("{e}"),
-            }
+            log::warn!("{e}");
         }
         j.core.handle_finished(result, now);
+        // Shared whole now, or (if the move failed) no longer at all.
+        self.share_with_manager();
     }
 
     fn download_ended(&mut self, job: usize, outcome: DownloadOutcome, _now: Instant) {
@@ -255,6 +275,15 @@ impl Node {
         }
         if let Some(p) = j.progress.take() {
             p.finish();
+        }
+        if j.serving().is_some() {
+            self.share_with_manager(); // no longer a partial holder
+        }
+        if self.partial_chunks_served > 0 {
+            log::info!(
+                "served {} chunks to other peers while downloading",
+                self.partial_chunks_served
+            );
         }
         let requested = match &self.mode {
             Mode::Get { requests, .. } => requests.len(),
@@ -319,6 +348,9 @@ impl Node {
                     Some(p) => p.write_chunk(chunk.index, payload),
                     None => Err(io::Error::other("the partial file is not open")),
                 };
+                if stored.is_ok() {
+                    j.unannounced.push(chunk.index);
+                }
                 j.core.handle_chunk_stored(source, chunk.index, stored, now);
             }
             if j.core.has_source(source) {
@@ -343,6 +375,7 @@ impl Node {
             }
             ReadEnd::Closed(why) => self.source_closed(job, source, why, now),
         }
+        self.schedule_announce(job, now);
         self.apply_download_actions(job, now);
         self.flush_source(id, now);
     }

@@ -11,6 +11,7 @@ mod manager_conn;
 mod partials;
 mod serving;
 mod sink;
+mod swarm;
 
 pub use sink::{JsonSink, Report, Sink, StdoutSink};
 
@@ -128,7 +129,8 @@ impl std::error::Error for NodeError {}
 pub(super) enum PeerConn {
     Serving {
         conn: Conn,
-        session: ServeSession,
+        /// Boxed: the variants stay close in size.
+        session: Box<ServeSession>,
         /// A manifest being streamed to it.
         manifest: Option<serving::ManifestStream>,
     },
@@ -184,6 +186,10 @@ pub struct Node {
     sink: Box<dyn Sink>,
     /// Set when the run should end, with its outcome.
     finished: Option<Result<(), NodeError>>,
+    /// When chunks verified since the last `Have` are announced.
+    haves_due: Option<Instant>,
+    /// Chunks served from files this peer was still downloading.
+    partial_chunks_served: u64,
 }
 
 impl Node {
@@ -253,6 +259,8 @@ impl Node {
             next_progress: now,
             sink: Box::new(StdoutSink),
             finished: None,
+            haves_due: None,
+            partial_chunks_served: 0,
         };
         node.sweep_stale_partials();
         Ok(node)
@@ -311,7 +319,7 @@ impl Node {
             self.handle_timers(now);
             if self.store.has_pending_work() && self.store.do_work(HASH_SLICE) {
                 self.open_files.clear();
-                self.link.set_shared(self.store.summaries());
+                self.share_with_manager();
                 self.apply_link_actions(now);
             }
             self.verify_partials(HASH_SLICE, now);
@@ -365,6 +373,7 @@ impl Node {
         let mut deadline = net::earliest(self.link.poll_timeout(), Some(self.next_rescan));
         deadline = net::earliest(deadline, self.acceptor.retry_at(Instant::now()));
         deadline = net::earliest(deadline, self.limiter_wake);
+        deadline = net::earliest(deadline, self.haves_due);
         if !self.downloads.is_empty() {
             deadline = net::earliest(deadline, Some(self.next_progress));
         }
@@ -383,6 +392,9 @@ impl Node {
     fn handle_timers(&mut self, now: Instant) {
         self.link.handle_timeout(now);
         self.apply_link_actions(now);
+        if self.haves_due.is_some_and(|t| t <= now) {
+            self.announce_all();
+        }
         if self.limiter_wake.is_some_and(|t| t <= now) {
             self.limiter_wake = None;
             let serving: Vec<ConnId> = self
@@ -450,7 +462,7 @@ impl Node {
                     self.store.files().count()
                 );
                 self.open_files.clear();
-                self.link.set_shared(self.store.summaries());
+                self.share_with_manager();
             }
             Ok(false) => {}
             Err(e) => log::warn!("cannot rescan the shared folder: {e}"),

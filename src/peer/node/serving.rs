@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use mio::Token;
 
+use super::swarm::ServingCatalog;
 use super::*;
 use crate::net::{self, ConnId, Flow, ReadEnd};
-use crate::peer::serve::{ServeAction, ServeConfig, ServeSession};
+use crate::peer::serve::{Catalog, ServeAction, ServeConfig, ServeSession};
 use crate::wire;
 
 impl Node {
@@ -32,7 +33,7 @@ impl Node {
                 continue;
             }
             log::debug!("serving {addr} on connection {}", id.0);
-            let session = ServeSession::new(ServeConfig::default(), now);
+            let session = Box::new(ServeSession::new(ServeConfig::default(), now));
             conn.set_accept(session.accepts());
             if let Some(keys) = &self.config.keys {
                 conn.seal(keys, false, now);
@@ -69,9 +70,12 @@ impl Node {
         let Some(PeerConn::Serving { conn, session, .. }) = self.conns.get_mut(id.0) else {
             return;
         };
-        let store = &self.store;
+        let catalog = ServingCatalog {
+            store: &self.store,
+            downloads: &self.downloads,
+        };
         let end = conn.read_frames(|msg| {
-            session.handle_message(msg, store, now);
+            session.handle_message(msg, &catalog, now);
             // A reply (a manifest above all) is queued before the next
             // request is read, so backpressure can hold a client that does
             // not read.
@@ -121,15 +125,18 @@ impl Node {
         else {
             return false;
         };
+        let catalog = ServingCatalog {
+            store: &self.store,
+            downloads: &self.downloads,
+        };
         let mut close = false;
         while let Some(action) = session.poll_action() {
             match action {
                 ServeAction::Send(msg) => conn.send(&msg),
-                ServeAction::SendManifest(root) => match self.store.by_root(&root) {
+                ServeAction::SendManifest(root) => match catalog.find_by_root(&root) {
                     // Streamed by `pump_serving` as the socket drains; no
                     // more requests are read until it is out.
-                    Some(f) if manifest.is_none() => {
-                        let m = &f.manifest;
+                    Some(m) if manifest.is_none() => {
                         conn.send_with(|out| {
                             wire::encode_manifest_prefix(
                                 &m.root,
@@ -168,6 +175,10 @@ impl Node {
         else {
             return;
         };
+        let catalog = ServingCatalog {
+            store: &self.store,
+            downloads: &self.downloads,
+        };
         let mut failed = None;
         loop {
             if conn.flush().is_err() {
@@ -179,11 +190,11 @@ impl Node {
             }
             if let Some(stream) = manifest.as_mut() {
                 // The frame was begun: without the file it cannot be ended.
-                let Some(file) = self.store.by_root(&stream.root) else {
+                let Some(m) = catalog.find_by_root(&stream.root) else {
                     failed = Some(String::new());
                     break;
                 };
-                let hashes = &file.manifest.hashes[stream.next.min(file.manifest.hashes.len())..];
+                let hashes = &m.hashes[stream.next.min(m.hashes.len())..];
                 let slice = &hashes[..hashes.len().min(MANIFEST_SLICE)];
                 conn.send_with(|out| wire::encode_manifest_hashes(slice, out));
                 stream.next += slice.len();
@@ -204,6 +215,12 @@ impl Node {
                 break;
             }
             let _ = session.pop_request();
+            if let Some(file) = catalog.partial_file(&req.root) {
+                // A download in progress: the session checked the chunk is verified.
+                conn.send_chunk_from_file(req.index, file, req.offset, req.len);
+                self.partial_chunks_served += 1;
+                continue;
+            }
             let Some(file) = self.store.by_root(&req.root) else {
                 failed = Some(format!("file {} is no longer shared", req.root.short()));
                 break;

@@ -52,10 +52,9 @@ impl Scheduler {
                 }
                 let eta_here = (src.in_flight() + 1) as f64 * tau;
                 let max_copies = self.max_copies();
-                let Some(c) = candidates
-                    .iter_mut()
-                    .find(|c| c.copies < max_copies && !src.holds(c.index))
-                else {
+                let Some(c) = candidates.iter_mut().find(|c| {
+                    c.copies < max_copies && !src.holds(c.index) && src.has_chunk(c.index)
+                }) else {
                     break;
                 };
                 if c.eta.is_finite() && eta_here >= c.eta {

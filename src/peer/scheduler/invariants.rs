@@ -10,9 +10,6 @@ impl Scheduler {
         let (mut missing, mut done, mut bytes, mut copies) = (0usize, 0u32, 0u64, 0usize);
         for (i, state) in self.chunks.iter().enumerate() {
             match state {
-                ChunkState::Missing if i < self.first_missing => {
-                    return Err(format!("chunk {i} is missing below the cursor"));
-                }
                 ChunkState::Missing => missing += 1,
                 ChunkState::Done => {
                     done += 1;
@@ -33,12 +30,16 @@ impl Scheduler {
                 }
             }
         }
-        if missing != self.missing_count {
+        if missing != self.picker.missing_count() {
             return Err(format!(
                 "{missing} chunks missing, counted {}",
-                self.missing_count
+                self.picker.missing_count()
             ));
         }
+        self.picker
+            .check(self.sources.values().filter_map(|s| s.has.as_ref()), |i| {
+                self.chunks[i as usize] == ChunkState::Missing
+            })?;
         if done != self.chunks_done || bytes != self.bytes_done {
             return Err(format!(
                 "counters: done {done}/{}, bytes {bytes}/{}",
@@ -66,6 +67,21 @@ impl Scheduler {
                 }
             }
             copies = copies.wrapping_sub(s.in_flight());
+            if let Some(has) = &s.has {
+                let useful = has
+                    .ones()
+                    .filter(|&i| self.chunks.get(i) == Some(&ChunkState::Missing))
+                    .count();
+                if useful != s.useful || has.count_ones(..) != s.has_count {
+                    return Err(format!("{id}: useful/has counts are stale"));
+                }
+                if let Some(r) = s.requests().find(|r| !has.contains(r.index as usize)) {
+                    return Err(format!(
+                        "{id} was asked for chunk {}, which it lacks",
+                        r.index
+                    ));
+                }
+            }
             for index in &s.cancelled {
                 if s.holds(*index) || self.chunks.get(*index as usize) != Some(&ChunkState::Done) {
                     return Err(format!("{id} cancelled chunk {index}, which is not done"));

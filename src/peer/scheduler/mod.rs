@@ -12,7 +12,11 @@
 //!   window being twice its best observed latency plus a margin: a fast
 //!   source serves more chunks, a lone source never waits a round trip per
 //!   chunk, and no more bytes sit in socket buffers than the link needs.
-//! - Missing chunks go out lowest index first, so disk writes stay local.
+//! - Missing chunks go out rarest first among the sources still
+//!   downloading the file themselves (swarm peers, which say what they hold
+//!   with `HaveMap` and `Have`), ties in index order from a random start
+//!   (`picker.rs`): with complete sources only, that is sequential on disk,
+//!   and downloaders of one seeder begin at different places.
 //! - Endgame: once nothing is Missing, spare capacity duplicates the chunks
 //!   expected to arrive last; the first good copy cancels the others.
 //! - A source that stalls, sends a corrupt chunk or one it was not asked for
@@ -20,6 +24,7 @@
 
 mod endgame;
 mod invariants;
+mod picker;
 mod source;
 
 #[cfg(test)]
@@ -31,6 +36,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use fixedbitset::FixedBitSet;
+use picker::Picker;
 use source::Source;
 
 /// Identifies one source connection within one download (the shell maps it
@@ -63,6 +70,9 @@ pub struct SchedulerConfig {
     pub max_inflight: u32,
     /// Copies of one chunk in flight at once during the endgame.
     pub max_endgame_duplicates: u32,
+    /// Where the chunk order starts (index, wrapping). The download core
+    /// picks it at random; 0 is lowest index first.
+    pub start_chunk: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -75,6 +85,7 @@ impl Default for SchedulerConfig {
             initial_inflight: 4,
             max_inflight: 512,
             max_endgame_duplicates: 2,
+            start_chunk: 0,
         }
     }
 }
@@ -99,6 +110,9 @@ pub enum DropReason {
     Corrupt,
     /// It sent a chunk it was not asked for (a protocol violation).
     Unrequested,
+    /// It holds the whole file, it said, then refused a chunk of it: its
+    /// copy changed under it. Not a lie worth a ban.
+    Lacking,
 }
 
 impl fmt::Display for DropReason {
@@ -107,6 +121,7 @@ impl fmt::Display for DropReason {
             DropReason::Stalled => "stalled",
             DropReason::Corrupt => "corrupt chunk",
             DropReason::Unrequested => "unrequested chunk",
+            DropReason::Lacking => "no longer holds the whole file",
         })
     }
 }
@@ -187,10 +202,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     chunk_lens: Vec<u32>,
     chunks: Vec<ChunkState>,
-    /// No chunk below this index is Missing: where the search for the next
-    /// chunk to request starts.
-    first_missing: usize,
-    missing_count: usize,
+    /// The Missing chunks in the order they go out.
+    picker: Picker,
     chunks_done: u32,
     bytes_done: u64,
     bytes_total: u64,
@@ -222,10 +235,9 @@ impl Scheduler {
         let bytes_total: u64 = chunk_lens.iter().map(|&l| u64::from(l)).sum();
         let avg_len = (bytes_total as f64 / chunk_lens.len().max(1) as f64).max(1.0);
         let mut s = Scheduler {
+            picker: Picker::new(chunk_lens.len() as u32, config.start_chunk),
             config,
             chunks: vec![ChunkState::Missing; chunk_lens.len()],
-            first_missing: 0,
-            missing_count: chunk_lens.len(),
             chunk_lens,
             chunks_done: 0,
             bytes_done: 0,
@@ -251,14 +263,92 @@ impl Scheduler {
         s
     }
 
-    /// A connection to a source is ready for requests.
+    /// A connection to a source holding the whole file is ready for requests.
     pub fn add_source(&mut self, source: SourceId, now: Instant) {
+        self.add_source_holding(source, None, now);
+    }
+
+    /// A connection to a source is ready for requests; `has` are the chunks
+    /// it holds if it is still downloading the file itself (`None`: all).
+    pub fn add_source_holding(&mut self, source: SourceId, has: Option<FixedBitSet>, now: Instant) {
         if self.sources.contains_key(&source) || self.retired.contains(&source) {
             log::debug!("source {source} added twice: ignored");
             return;
         }
-        self.sources.insert(source, Source::new());
-        log::debug!("source {source} added ({} active)", self.sources.len());
+        let has = has.map(|mut h| {
+            h.grow(self.chunks.len());
+            // Bits past the end name no chunk; the wire never sends them.
+            if h.len() > self.chunks.len() {
+                h = h.ones().filter(|&i| i < self.chunks.len()).collect();
+                h.grow(self.chunks.len());
+            }
+            h
+        });
+        let mut src = Source::new(has);
+        if let Some(h) = &src.has {
+            for i in h.ones() {
+                self.picker.change_holders(i as u32, 1);
+                if self.chunks[i] == ChunkState::Missing {
+                    src.useful += 1;
+                }
+            }
+        }
+        log::debug!(
+            "source {source} added ({} active), holding {}",
+            self.sources.len() + 1,
+            src.has.as_ref().map_or("all".to_string(), |_| format!(
+                "{} of {} chunks",
+                src.has_count,
+                self.chunks.len()
+            ))
+        );
+        self.sources.insert(source, src);
+        self.fill(now);
+    }
+
+    /// `source`, still downloading, now also holds chunk `index`.
+    pub fn handle_have(&mut self, source: SourceId, index: u32, now: Instant) {
+        let Some(src) = self.sources.get_mut(&source) else {
+            return;
+        };
+        let Some(has) = src.has.as_mut() else {
+            return; // a complete source already has it
+        };
+        if index as usize >= self.chunks.len() || has.put(index as usize) {
+            return;
+        }
+        src.has_count += 1;
+        if self.chunks[index as usize] == ChunkState::Missing {
+            src.useful += 1;
+        }
+        self.picker.change_holders(index, 1);
+        self.fill(now);
+    }
+
+    /// `source` answered a request for `index` with "not held here": the
+    /// chunk goes to another source, and is not asked of this one again
+    /// unless it says it has it. A complete source saying so is dropped.
+    pub fn handle_no_chunk(&mut self, source: SourceId, index: u32, now: Instant) {
+        let Some(src) = self.sources.get_mut(&source) else {
+            return;
+        };
+        let Some(req) = src.request(index) else {
+            return; // cancelled, or never asked: nothing to settle
+        };
+        if req.arrived.is_some() {
+            return;
+        }
+        let Some(has) = src.has.as_mut() else {
+            self.drop_source(source, DropReason::Lacking);
+            return self.fill(now);
+        };
+        if has.contains(index as usize) {
+            has.set(index as usize, false);
+            src.has_count -= 1;
+            self.picker.change_holders(index, -1);
+        }
+        src.take(index);
+        self.release(source, index);
         self.fill(now);
     }
 
@@ -453,8 +543,24 @@ impl Scheduler {
         let i = index as usize;
         let old = std::mem::replace(&mut self.chunks[i], new);
         log::trace!("chunk {index}: {old} => {}", self.chunks[i]);
+        let (was, is) = (
+            old == ChunkState::Missing,
+            self.chunks[i] == ChunkState::Missing,
+        );
+        if was != is {
+            if is {
+                self.picker.insert(index);
+            } else {
+                self.picker.remove(index);
+            }
+            for s in self.sources.values_mut().filter(|s| s.has.is_some()) {
+                if s.has_chunk(index) {
+                    s.useful = if is { s.useful + 1 } else { s.useful - 1 };
+                }
+            }
+        }
         match old {
-            ChunkState::Missing => self.missing_count -= 1,
+            ChunkState::Missing => {}
             ChunkState::Done => {
                 self.chunks_done -= 1;
                 self.bytes_done -= u64::from(self.chunk_lens[i]);
@@ -462,10 +568,7 @@ impl Scheduler {
             ChunkState::InFlight(_) => {}
         }
         match self.chunks[i] {
-            ChunkState::Missing => {
-                self.missing_count += 1;
-                self.first_missing = self.first_missing.min(i);
-            }
+            ChunkState::Missing => {}
             ChunkState::Done => {
                 self.chunks_done += 1;
                 self.bytes_done += u64::from(self.chunk_lens[i]);
@@ -474,18 +577,23 @@ impl Scheduler {
         }
     }
 
-    /// The lowest Missing chunk.
-    fn next_missing(&mut self) -> Option<u32> {
-        if self.missing_count == 0 {
-            return None;
+    /// The Missing chunk to ask `source` for next: the rarest it holds.
+    fn pick_for(&self, source: SourceId) -> Option<u32> {
+        let src = self.sources.get(&source)?;
+        match &src.has {
+            None => self.picker.rarest(),
+            Some(_) if src.useful == 0 => None,
+            Some(has) => self.picker.rarest_in(has, src.has_count),
         }
-        while let Some(state) = self.chunks.get(self.first_missing) {
-            if matches!(state, ChunkState::Missing) {
-                return Some(self.first_missing as u32);
-            }
-            self.first_missing += 1;
-        }
-        None
+    }
+
+    /// Whether some source holds a Missing chunk.
+    fn can_fetch_missing(&self) -> bool {
+        self.picker.missing_count() > 0
+            && self
+                .sources
+                .values()
+                .any(|s| s.has.is_none() || s.useful > 0)
     }
 
     /// Asks `source` for `index` (Missing, or a duplicate in the endgame).
@@ -539,15 +647,24 @@ impl Scheduler {
         let src = self.sources.remove(&source)?;
         self.retired.insert(source);
         self.actions.retain(|a| a.source() != source);
+        for i in src.has.iter().flat_map(|h| h.ones()) {
+            self.picker.change_holders(i as u32, -1);
+        }
         for index in src.requests().map(|r| r.index) {
-            if let ChunkState::InFlight(holders) = &mut self.chunks[index as usize] {
-                holders.retain(|&h| h != source);
-                if holders.is_empty() {
-                    self.set_chunk(index, ChunkState::Missing);
-                }
-            }
+            self.release(source, index);
         }
         Some(src.in_flight())
+    }
+
+    /// `source` no longer has chunk `index` in flight: back to Missing if
+    /// no other copy is.
+    fn release(&mut self, source: SourceId, index: u32) {
+        if let ChunkState::InFlight(holders) = &mut self.chunks[index as usize] {
+            holders.retain(|&h| h != source);
+            if holders.is_empty() {
+                self.set_chunk(index, ChunkState::Missing);
+            }
+        }
     }
 
     fn drop_source(&mut self, source: SourceId, reason: DropReason) {
@@ -558,8 +675,9 @@ impl Scheduler {
         }
     }
 
-    /// Tops up every source's pipeline: Missing chunks lowest index first,
-    /// then endgame duplicates.
+    /// Tops up every source's pipeline: Missing chunks rarest first, then
+    /// endgame duplicates. The endgame is when no source holds a Missing
+    /// chunk (none is left, or the sources connected have none of them).
     fn fill(&mut self, now: Instant) {
         self.endgame_recheck = None;
         if self.is_complete() {
@@ -572,19 +690,19 @@ impl Scheduler {
                 if src.in_flight() >= self.target_depth(src) as usize {
                     break;
                 }
-                let Some(index) = self.next_missing() else {
+                let Some(index) = self.pick_for(id) else {
                     break;
                 };
                 self.request(id, index, now);
             }
         }
-        let endgame = self.missing_count == 0;
+        let endgame = !self.can_fetch_missing();
         if endgame != self.in_endgame {
             self.in_endgame = endgame;
             log::debug!(
                 "endgame {}: {} missing, {} done of {}",
                 if endgame { "begins" } else { "ends" },
-                self.missing_count,
+                self.picker.missing_count(),
                 self.chunks_done,
                 self.chunks.len()
             );

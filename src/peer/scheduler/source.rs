@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use fixedbitset::FixedBitSet;
+
 /// Weight of a new sample in the per-source rate average.
 const RATE_ALPHA: f64 = 0.25;
 
@@ -56,11 +58,21 @@ pub(super) struct Source {
     batched_bytes: u64,
     pub chunks_received: u64,
     pub bytes_received: u64,
+    /// The chunks it holds, if it is still downloading the file itself
+    /// (`None`: a complete source, which holds every chunk).
+    pub has: Option<FixedBitSet>,
+    /// Bits set in `has`.
+    pub has_count: usize,
+    /// Missing chunks it holds: what it could be asked for now.
+    pub useful: usize,
 }
 
 impl Source {
-    pub fn new() -> Source {
+    pub fn new(has: Option<FixedBitSet>) -> Source {
         Source {
+            has_count: has.as_ref().map_or(0, |h| h.count_ones(..)),
+            has,
+            useful: 0,
             inflight: Vec::new(),
             cancelled: BTreeSet::new(),
             last_arrival: None,
@@ -82,6 +94,11 @@ impl Source {
 
     pub fn holds(&self, index: u32) -> bool {
         self.request(index).is_some()
+    }
+
+    /// Whether it has chunk `index` to give (not whether it was asked).
+    pub fn has_chunk(&self, index: u32) -> bool {
+        self.has.as_ref().is_none_or(|h| h.contains(index as usize))
     }
 
     /// Every chunk in flight here, oldest request first.
