@@ -30,6 +30,8 @@ mod source;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
+mod swarm_sim;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
