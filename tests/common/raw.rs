@@ -39,6 +39,10 @@ pub mod kind {
     pub const GET_CHUNK: u8 = 0x22;
     pub const CHUNK: u8 = 0x23;
     pub const CANCEL: u8 = 0x24;
+    pub const GET_HAVE_MAP: u8 = 0x25;
+    pub const HAVE_MAP: u8 = 0x26;
+    pub const HAVE: u8 = 0x27;
+    pub const NO_CHUNK: u8 = 0x28;
 }
 
 /// Hello roles (section 3).
@@ -186,6 +190,55 @@ pub fn get_chunk(root: &Hash, index: u32) -> Vec<u8> {
     let mut b = root.to_vec();
     b.write_u32::<BigEndian>(index).unwrap();
     frame(kind::GET_CHUNK, &b)
+}
+
+pub fn get_have_map(root: &Hash) -> Vec<u8> {
+    frame(kind::GET_HAVE_MAP, root)
+}
+
+/// "I hold every one of the `chunks` chunks of `root`."
+pub fn have_map_complete(root: &Hash, chunks: u32) -> Vec<u8> {
+    let mut b = root.to_vec();
+    b.write_u32::<BigEndian>(chunks).unwrap();
+    b.push(1);
+    frame(kind::HAVE_MAP, &b)
+}
+
+/// A `HaveMap` body: its root and, for a partial holder, which chunks it
+/// holds (`None`: complete). Section 4: bit i is bit i % 8 of byte i / 8.
+pub fn parse_have_map(body: &[u8]) -> io::Result<(Hash, Option<Vec<bool>>)> {
+    let mut c = Cursor::new(body);
+    let root = hash(&mut c)?;
+    let chunks = c.read_u32::<BigEndian>()? as usize;
+    match c.read_u8()? {
+        1 => Ok((root, None)),
+        0 => {
+            let bytes = &body[37..];
+            if bytes.len() != chunks.div_ceil(8) {
+                return Err(io::Error::other("have-map of the wrong length"));
+            }
+            Ok((
+                root,
+                Some(
+                    (0..chunks)
+                        .map(|i| bytes[i / 8] & (1 << (i % 8)) != 0)
+                        .collect(),
+                ),
+            ))
+        }
+        _ => Err(io::Error::other("bad complete flag")),
+    }
+}
+
+/// The indices a `Have` body names.
+pub fn parse_have(body: &[u8]) -> io::Result<(Hash, Vec<u32>)> {
+    let mut c = Cursor::new(body);
+    let root = hash(&mut c)?;
+    let n = c.read_u16::<BigEndian>()?;
+    let indices = (0..n)
+        .map(|_| c.read_u32::<BigEndian>())
+        .collect::<io::Result<_>>()?;
+    Ok((root, indices))
 }
 
 pub fn chunk(index: u32, data: &[u8]) -> Vec<u8> {
@@ -581,8 +634,8 @@ pub enum Serve {
     HelloOnly,
     /// Hello, answers GetManifest with this manifest, then stops reading.
     ManifestThenDeaf(Manifest),
-    /// Hello, answers GetManifest with this manifest, reads and ignores
-    /// every GetChunk.
+    /// Hello, answers GetManifest with this manifest and GetHaveMap with
+    /// "complete", reads and ignores every GetChunk.
     ManifestNoChunks(Manifest),
 }
 
@@ -649,6 +702,11 @@ fn serve_one(mut c: RawConn, behaviour: Serve, stop: Arc<AtomicBool>) {
                     if deaf {
                         return idle(&stop);
                     }
+                }
+            }
+            Ok(Some(f)) if f.kind == kind::GET_HAVE_MAP => {
+                if let Some(m) = &manifest {
+                    let _ = c.send(&have_map_complete(&m.root, m.hashes.len() as u32));
                 }
             }
             Ok(Some(_)) => {}
