@@ -25,6 +25,7 @@ use slab::Slab;
 
 use super::commands::{self, Command};
 use super::download::{DownloadError, GetRequest};
+use super::fair::{FairQueue, QUANTUM, Rotation, RotationConfig};
 use super::files::OpenFiles;
 use super::link::{LinkConfig, LinkMode, ManagerLink, Query};
 use super::ratelimit::TokenBucket;
@@ -169,6 +170,10 @@ pub struct Node {
     limiter: Option<TokenBucket>,
     /// When the limiter next has tokens for a waiting connection.
     limiter_wake: Option<Instant>,
+    /// Serving connections that may send now, taking turns by bytes.
+    fair: FairQueue,
+    /// Who gives up a serving slot when peers are turned away at the cap.
+    rotation: Rotation,
     pub(super) downloads: Slab<downloads::Job>,
     /// How the downloads of a one-shot get failed.
     failures: Vec<DownloadError>,
@@ -242,6 +247,8 @@ impl Node {
             open_files: OpenFiles::new(16),
             limiter,
             limiter_wake: None,
+            fair: FairQueue::new(QUANTUM),
+            rotation: Rotation::new(RotationConfig::default()),
             downloads: Slab::new(),
             failures: Vec::new(),
             mode,
@@ -365,6 +372,7 @@ impl Node {
         let mut deadline = net::earliest(self.link.poll_timeout(), Some(self.next_rescan));
         deadline = net::earliest(deadline, self.acceptor.retry_at(Instant::now()));
         deadline = net::earliest(deadline, self.limiter_wake);
+        deadline = net::earliest(deadline, self.rotation.poll_timeout());
         if !self.downloads.is_empty() {
             deadline = net::earliest(deadline, Some(self.next_progress));
         }
@@ -385,15 +393,10 @@ impl Node {
         self.apply_link_actions(now);
         if self.limiter_wake.is_some_and(|t| t <= now) {
             self.limiter_wake = None;
-            let serving: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
-                .map(|(k, _)| ConnId(k))
-                .collect();
-            for id in serving {
-                self.pump_serving(id, now);
-            }
+            self.serve_round(now);
+        }
+        if self.rotation.poll_timeout().is_some_and(|t| t <= now) {
+            self.handle_rotation(now);
         }
         // Only what is due: this runs every loop turn, and a busy download
         // takes a turn per read.
