@@ -699,18 +699,25 @@ def swarm_run(lab, swarm, src, work, name, n, run_no, timeout):
     t0 = time.monotonic()
     gets = [swarm_get(lab, swarm, k + 1, d, Path(work)) for k, d in enumerate(dirs)]
     done = [None] * n
+    exited = [None] * n  # exit status of one that stopped before its summary
     end = t0 + timeout
-    while None in done and time.monotonic() < end:
+    while any(d is None and e is None for d, e in zip(done, exited)) and time.monotonic() < end:
         for k, g in enumerate(gets):
-            if done[k] is None and ("downloaded " in g.out() or g.poll()):
+            if done[k] is not None or exited[k] is not None:
+                continue
+            if "downloaded " in g.out():
                 done[k] = time.monotonic() - t0
+            elif g.poll():
+                exited[k] = g.status
         time.sleep(0.02)
     for g in gets:
         g.stop()
     ok = None not in done and all(check_copy(src, d / FILE_NAME) for d in dirs)
     note = ""
     if not ok:
-        note = "TIMEOUT" if None in done else "FAILED"
+        early = [(k, e) for k, e in enumerate(exited) if e is not None]
+        note = (f"EXITED {early[:3]} (downloader, status)" if early
+                else "TIMEOUT" if None in done else "FAILED")
         bad = next((g for g, t in zip(gets, done) if t is None), gets[0])
         print(f"  {name} run {run_no}: {note}\n{bad.log()[-600:]}", file=sys.stderr)
     for d in dirs:

@@ -73,3 +73,56 @@ fn downloaders_of_one_capped_seeder_finish_together() {
         "downloaders finished at {times:.2?} s: the first is under 0.8 x the last"
     );
 }
+
+#[test]
+fn at_the_connection_cap_the_seeder_rotates_who_it_serves() {
+    let manager = Manager::start(0.5, 3.0);
+    let size = 12 * MIB;
+    let src_dir = TempDir::new().unwrap();
+    let src = src_dir.path().join("rot.bin");
+    write_pattern(&src, size, 22);
+    // One slot, 4 MiB/s: each download alone takes about 3 s, and the one
+    // served is asked to make room after 2 s while the other waits. (Few
+    // rotations: the download core doubles a Busy holder's backoff and
+    // never resets it, and gives up after 30 s without progress.)
+    let seed = Peer::start(
+        src_dir.path(),
+        manager.addr,
+        &[
+            "--upload-limit",
+            "4MiB",
+            "--max-conns",
+            "1",
+            "--rotate-after",
+            "2",
+        ],
+    );
+    wait_holders(manager.addr, "rot.bin", 1);
+
+    let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new().unwrap()).collect();
+    let mut gets: Vec<Proc> = dirs
+        .iter()
+        .map(|d| {
+            let mut cmd = Command::new(peer_bin());
+            cmd.arg("--dir")
+                .arg(d.path())
+                .args(["--manager", &manager.addr.to_string(), "-v", "get"])
+                .arg("rot.bin");
+            Proc::spawn_cmd(cmd)
+        })
+        .collect();
+    for (k, g) in gets.iter_mut().enumerate() {
+        let status = g.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "get {k} failed:\n{}", g.stderr.text());
+    }
+    let want = std::fs::read(&src).unwrap();
+    for d in &dirs {
+        assert!(std::fs::read(d.path().join("rot.bin")).unwrap() == want);
+    }
+    let log = seed.proc.stderr.text();
+    assert!(
+        log.contains("rotating") && log.contains("out: a peer is waiting"),
+        "the seeder never rotated:\n{log}"
+    );
+    eprintln!("rotations: {}", log.matches("rotating").count());
+}

@@ -65,6 +65,9 @@ pub struct NodeConfig {
     pub max_peers: usize,
     /// Most inbound serving connections.
     pub max_conns: usize,
+    /// At the cap, with peers turned away, a connection served this long
+    /// makes room (docs/state/serving.md, rotation).
+    pub rotate_after: Duration,
     /// How often the shared folder is re-read for new or changed files.
     pub rescan_interval: Duration,
     /// Show a progress bar (stderr is a terminal).
@@ -233,6 +236,10 @@ impl Node {
         let limiter = config
             .upload_limit
             .map(|rate| TokenBucket::new(rate, (rate / 4).max(wire::MAX_CHUNK_SIZE as u64), now));
+        let rotation = Rotation::new(RotationConfig {
+            turn: config.rotate_after,
+            ..RotationConfig::default()
+        });
         let mut node = Node {
             next_rescan: now + config.rescan_interval,
             config,
@@ -248,7 +255,7 @@ impl Node {
             limiter,
             limiter_wake: None,
             fair: FairQueue::new(QUANTUM),
-            rotation: Rotation::new(RotationConfig::default()),
+            rotation,
             downloads: Slab::new(),
             failures: Vec::new(),
             mode,
