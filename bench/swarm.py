@@ -18,6 +18,14 @@ prints one table (median of 5 runs; 1 run with --quick):
   e   three seeders in their own network namespaces behind 100 mbit tbf links,
       the manager and downloader in a fourth: aggregate vs the sum of the links
       (skipped, with a note, where `ip netns` is not permitted)
+  f   swarm: one seeder and 16 downloaders (`get --seed`, started together),
+      every peer in its own namespace behind a 100 mbit tbf upload link, a
+      64 MiB file: time until the last is done, against the Kumar-Ross bound
+      max(F/u_s, N*F/(u_s + sum u_i)) and against N*F/u_s (the seeder alone)
+  g   the same with 6 downloaders, against one download alone on that link
+      (target: within 1.5 x)
+
+    python3 bench/swarm.py --only f,g     runs just those (netns needed)
 
 MB/s is 10^6 bytes per second of file, from starting the `get` process until
 it exits (so it includes joining, locating, the final fsync and rename).
@@ -307,7 +315,8 @@ class NetLab:
     """Namespaces joined by one bridge in the hub; each seeder's link is capped
     by a tbf qdisc on its egress (its upload). Deleted on close."""
 
-    def __init__(self, n_seeders):
+    def __init__(self, n_seeders, mbit=LINK_MBIT):
+        self.mbit = mbit
         tag = f"shoal{os.getpid()}"
         self.hub = f"{tag}h"
         self.seeders = [f"{tag}s{i}" for i in range(n_seeders)]
@@ -339,7 +348,7 @@ class NetLab:
             self._ip("-n", ns, "addr", "add", ip + "/24", "dev", "eth0")
             self._ip("-n", ns, "link", "set", "eth0", "up")
             run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "tbf",
-                 "rate", f"{LINK_MBIT}mbit", "burst", "256kb", "latency", "50ms"], timeout=15)
+                 "rate", f"{self.mbit}mbit", "burst", "256kb", "latency", "50ms"], timeout=15)
 
     def close(self):
         delete_namespaces()
@@ -518,6 +527,7 @@ class Bench:
         self.rows = []  # (scenario, Result of medians, ref label, ref MB/s)
         self.timeline = []
         self.raw_mbps = None
+        self.swarm_runs = []  # scenarios f and g
 
     def file(self, mib):
         if mib not in self.files:
@@ -652,6 +662,183 @@ class Bench:
         self.add(med, "sum of links", caps)
 
 
+# ---- the swarm: every peer on its own capped link --------------------------
+
+SWARM_MIB = 64
+
+
+class SwarmRun:
+    """Times of one run: each downloader's done time (None if it never was)."""
+
+    def __init__(self, name, n, size, rate, done, ok, note=""):
+        self.name, self.n, self.size, self.rate = name, n, size, rate
+        self.done, self.ok, self.note = done, ok, note
+
+    def last(self):
+        return max(self.done) if self.ok else None
+
+    def first(self):
+        return min(self.done) if self.ok else None
+
+
+def swarm_get(lab, swarm, k, d, log_dir):
+    """Downloader k (host k of the lab, 0 is the seeder) with --seed."""
+    argv = [BIN / "peer", "--dir", d, "--manager", swarm.addr, "--listen",
+            f"{lab.seeder_ips[k]}:0"] + swarm.key_args + ["get", FILE_NAME, "--seed"]
+    return Child(argv, log_dir / f"{d.name}.log", log_dir / f"{d.name}.out", ns=lab.seeders[k])
+
+
+def swarm_run(lab, swarm, src, work, name, n, run_no, timeout):
+    """Starts n seeding downloaders at once; each is done when it prints its
+    summary (with --seed it keeps running, serving)."""
+    dirs = []
+    for k in range(n):
+        d = Path(work) / f"sw{run_no}-{k}"
+        d.mkdir(parents=True)
+        dirs.append(d)
+    t0 = time.monotonic()
+    gets = [swarm_get(lab, swarm, k + 1, d, Path(work)) for k, d in enumerate(dirs)]
+    done = [None] * n
+    exited = [None] * n  # exit status of one that stopped before its summary
+    end = t0 + timeout
+    while any(d is None and e is None for d, e in zip(done, exited)) and time.monotonic() < end:
+        for k, g in enumerate(gets):
+            if done[k] is not None or exited[k] is not None:
+                continue
+            if "downloaded " in g.out():
+                done[k] = time.monotonic() - t0
+            elif g.poll():
+                exited[k] = g.status
+        time.sleep(0.02)
+    for g in gets:
+        g.stop()
+    ok = None not in done and all(check_copy(src, d / FILE_NAME) for d in dirs)
+    note = ""
+    if not ok:
+        early = [(k, e) for k, e in enumerate(exited) if e is not None]
+        note = (f"EXITED {early[:3]} (downloader, status)" if early
+                else "TIMEOUT" if None in done else "FAILED")
+        bad = next((g for g, t in zip(gets, done) if t is None), gets[0])
+        print(f"  {name} run {run_no}: {note}\n{bad.log()[-600:]}", file=sys.stderr)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    rate = lab.mbit * 1e6 / 8
+    return SwarmRun(name, n, src.stat().st_size, rate, [t or timeout for t in done], ok, note)
+
+
+def kumar_ross(n, size, rate):
+    """Least time for n downloaders of one seeder, every upload `rate`
+    (downloads uncapped): max(F/u_s, N*F/(u_s + N*u))."""
+    return max(size / rate, n * size / (rate + n * rate))
+
+
+class SwarmBench:
+    """Scenarios f and g: each peer in its own namespace, upload capped by tbf."""
+
+    def __init__(self, bench, why_not, mbit):
+        self.bench = bench
+        self.why_not = why_not
+        self.mbit = mbit
+        self.rows = []  # (label, seconds, reference label, reference seconds)
+
+    def lab(self, n, name):
+        if self.why_not:
+            self.rows.append((name, None, f"skipped: {self.why_not}", None))
+            return None
+        try:
+            return NetLab(1 + n, mbit=self.mbit)
+        except subprocess.CalledProcessError as e:
+            why = (e.stderr or "").strip().splitlines()[-1:] or ["?"]
+            self.rows.append((name, None, f"skipped: {why[0][:50]}", None))
+            return None
+
+    def series(self, lab, swarm, src, work, name, n, timeout):
+        runs = []
+        for r in range(self.bench.runs):
+            os.sync()
+            res = swarm_run(lab, swarm, src, work, name, n, r, timeout)
+            shown = (f"last {res.last():.1f} s, first {res.first():.1f} s" if res.ok
+                     else res.note)
+            print(f"  {name}  run {r + 1}/{self.bench.runs}: {shown}", file=sys.stderr)
+            runs.append(res)
+        return runs
+
+    def scenario_f(self, n=16):
+        name = f"f  swarm 1 -> {n}, {self.mbit}mbit links, {SWARM_MIB} MiB"
+        print(f"== {name}", file=sys.stderr)
+        lab = self.lab(n, name)
+        if not lab:
+            return
+        src = self.bench.file(SWARM_MIB)
+        rate = self.mbit * 1e6 / 8
+        size = src.stat().st_size
+        alone = n * size / rate
+        work = self.bench.work / "swarm-f"
+        try:
+            with Swarm(work, src, [None], hosts=lab) as swarm:
+                runs = self.series(lab, swarm, src, work, name, n, 30 + 2 * alone)
+        finally:
+            lab.close()
+        last = median([r.last() for r in runs])
+        first = median([r.first() for r in runs])
+        bound = kumar_ross(n, size, rate)
+        self.rows.append((f"{name}: last done", last, "Kumar-Ross bound", bound))
+        self.rows.append((f"{name}: last done", last, "seeder alone N*F/u_s", alone))
+        self.rows.append((f"{name}: first done", first, "Kumar-Ross bound", bound))
+        self.bench.swarm_runs.extend(runs)
+
+    def scenario_g(self, n=6):
+        name = f"g  swarm 1 -> {n}, {self.mbit}mbit links, {SWARM_MIB} MiB"
+        print(f"== {name}", file=sys.stderr)
+        lab = self.lab(n, name)
+        if not lab:
+            return
+        src = self.bench.file(SWARM_MIB)
+        rate = self.mbit * 1e6 / 8
+        size = src.stat().st_size
+        work = self.bench.work / "swarm-g"
+        try:
+            with Swarm(work, src, [None], hosts=lab) as swarm:
+                one = self.series(lab, swarm, src, work, f"{name}: one alone", 1,
+                                  30 + 3 * size / rate)
+                runs = self.series(lab, swarm, src, work, name, n, 30 + 2 * n * size / rate)
+        finally:
+            lab.close()
+        alone = median([r.last() for r in one])
+        last = median([r.last() for r in runs])
+        self.rows.append((f"g  1 download alone, {SWARM_MIB} MiB", alone, "F/u_s", size / rate))
+        self.rows.append((f"{name}: last done", last, "one download alone", alone))
+        self.rows.append((f"{name}: last done", last, "Kumar-Ross bound",
+                          kumar_ross(n, size, rate)))
+        self.bench.swarm_runs.extend(one + runs)
+
+
+def swarm_table(rows):
+    head = ["scenario", "seconds", "reference", "ref s", "ratio"]
+    lines = [[label, fmt(secs, ".2f"), ref_label, fmt(ref, ".2f"),
+              fmt(secs / ref if secs and ref else None, ".2f")]
+             for label, secs, ref_label, ref in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = []
+    for i, row in enumerate([head] + lines):
+        cells = [str(c).ljust(w) if j in (0, 2) else str(c).rjust(w)
+                 for j, (c, w) in enumerate(zip(row, widths))]
+        out.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def write_swarm_csv(path, runs):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scenario", "downloaders", "size_bytes", "link_bytes_per_s", "ok",
+                    "done_s (each downloader)", "note"])
+        for r in runs:
+            w.writerow([r.name.strip(), r.n, r.size, f"{r.rate:.0f}", r.ok,
+                        " ".join(f"{t:.3f}" for t in r.done), r.note])
+
+
 def combine(name, runs):
     med = Result(name, "median", runs[0].size)
     for field in ("wall_s", "mbps", "reported_mbps", "dl_rss", "seed_rss", "dl_cpu", "seed_cpu"):
@@ -747,6 +934,13 @@ def main():
     ap.add_argument("--runs", type=int, default=None,
                     help="runs per scenario (default 5; 1 with --quick)")
     ap.add_argument("--out", default="bench-out/", help="where the CSV (and PNG) go")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g",
+                    help="comma-separated scenarios to run (default all: a,b,c,d,e,f,g)")
+    ap.add_argument("--bin-dir", default=None,
+                    help="run the manager and peer binaries from here instead of building "
+                         "target/release (to compare two builds)")
+    ap.add_argument("--swarm-mbit", type=int, default=LINK_MBIT,
+                    help=f"upload rate of each link in f and g (default {LINK_MBIT})")
     args = ap.parse_args()
     size_mib = args.size_mib or (256 if args.quick else 1024)
     # This VM is bimodal run to run: 3 is too few for the table in the README.
@@ -760,20 +954,29 @@ def main():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    print("== cargo build --release", file=sys.stderr)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bins", "--examples"], cwd=ROOT, check=True)
+    global BIN
+    if args.bin_dir:
+        BIN = Path(args.bin_dir).resolve()
+    else:
+        print("== cargo build --release", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bins", "--examples"],
+                       cwd=ROOT, check=True)
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="shoal-swarm-"))
     bench = Bench(work, size_mib, runs)
     code = 0
+    swarm = SwarmBench(bench, None, args.swarm_mbit)
     try:
         why_not = netns_unavailable()
-        bench.scenario_a()
-        bench.scenario_b()
-        bench.scenario_c()
-        bench.scenario_d()
-        bench.scenario_e(why_not)
+        swarm.why_not = why_not
+        only = set(args.only.replace(" ", "").split(","))
+        for key, step in [("a", bench.scenario_a), ("b", bench.scenario_b),
+                          ("c", bench.scenario_c), ("d", bench.scenario_d),
+                          ("e", lambda: bench.scenario_e(why_not)),
+                          ("f", swarm.scenario_f), ("g", swarm.scenario_g)]:
+            if key in only:
+                step()
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
@@ -787,15 +990,22 @@ def main():
         kill_all()
         delete_namespaces()
         shutil.rmtree(work, ignore_errors=True)
-    if not bench.rows:
+    if not bench.rows and not swarm.rows:
         return code
     cores = os.cpu_count()
-    print(f"\nshoal swarm bench: {cores} cores, loopback; median of {runs} run(s); "
+    print(f"\nshoal swarm bench: {cores} cores; median of {runs} run(s); "
           f"{time.monotonic() - started:.0f} s in all")
-    print(table(bench.rows))
-    write_csv(out / "swarm.csv", bench.results, bench.rows)
-    write_timeline(out, bench.timeline)
-    print(f"\nwrote {out / 'swarm.csv'}")
+    if bench.rows:
+        print(table(bench.rows))
+        write_csv(out / "swarm.csv", bench.results, bench.rows)
+        write_timeline(out, bench.timeline)
+        print(f"\nwrote {out / 'swarm.csv'}")
+    if swarm.rows:
+        print(f"\nswarm (f, g): every peer behind a {args.swarm_mbit} mbit tbf upload; "
+              "time from start to each downloader's summary")
+        print(swarm_table(swarm.rows))
+        write_swarm_csv(out / "swarm-times.csv", bench.swarm_runs)
+        print(f"\nwrote {out / 'swarm-times.csv'}")
     return code
 
 

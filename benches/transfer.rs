@@ -37,6 +37,7 @@ fn node_config(dir: &Path, manager: SocketAddr) -> NodeConfig {
         upload_limit: None,
         max_peers: 8,
         max_conns: 64,
+        rotate_after: Duration::from_secs(30),
         rescan_interval: Duration::from_secs(5),
         progress_bar: false,
         keys: None,

@@ -102,3 +102,95 @@ fn six_capped_downloaders_serve_each_other_before_they_are_complete() {
         );
     }
 }
+
+/// A raw client written from docs/PROTOCOL.md asks a peer still downloading
+/// for its have-map, a chunk it holds and one it does not.
+#[test]
+fn a_peer_still_downloading_serves_what_it_has_and_refuses_the_rest_explicitly() {
+    use common::raw::{self, RawConn, kind, role};
+    let manager = Manager::start(0.5, 3.0);
+    let size = 8 * MIB;
+    let src_dir = TempDir::new().unwrap();
+    let src = src_dir.path().join("part.bin");
+    write_pattern(&src, size, 22);
+    let want = raw::Manifest::of_file(&src);
+    let seed_dir = TempDir::new().unwrap();
+    std::fs::copy(&src, seed_dir.path().join("part.bin")).unwrap();
+    // Slow enough that the downloader is still partial for seconds.
+    let _seeder = Peer::start(seed_dir.path(), manager.addr, &["--upload-limit", "1MiB"]);
+    wait_for(WAIT, "the seeder to be listed", || {
+        raw::who_has_groups(manager.addr, "part.bin").len() == 1
+    });
+    let dl = TempDir::new().unwrap();
+    let mut cmd = Command::new(peer_bin());
+    cmd.arg("--dir").arg(dl.path()).args([
+        "--manager",
+        &manager.addr.to_string(),
+        "-v",
+        "get",
+        "part.bin",
+    ]);
+    let mut getter = Proc::spawn_cmd(cmd);
+    let mut addr = None;
+    wait_for(WAIT, "the downloader to serve", || {
+        addr = getter
+            .stderr
+            .text()
+            .lines()
+            .find_map(|l| l.split("peer serving on ").nth(1)?.trim().parse().ok());
+        addr.is_some()
+    });
+    // Listed as a second holder of the same version once its file is open.
+    wait_for(WAIT, "the downloader to be listed as a holder", || {
+        raw::who_has_groups(manager.addr, "part.bin")
+            .first()
+            .is_some_and(|g| g.peers.len() == 2)
+    });
+
+    let mut c = RawConn::hello(addr.unwrap(), role::PEER).unwrap();
+    c.send(&raw::get_have_map(&want.root)).unwrap();
+    let map = c
+        .recv_kind(kind::HAVE_MAP, Duration::from_secs(5))
+        .expect("a have-map");
+    let (root, bits) = raw::parse_have_map(&map.body).unwrap();
+    assert_eq!(root, want.root);
+    let mut bits = bits.expect("a partial holder sends its bits, not 'complete'");
+    assert_eq!(bits.len(), want.hashes.len());
+    // Have batches follow while it downloads.
+    let have = c
+        .recv_kind(kind::HAVE, Duration::from_secs(5))
+        .expect("a Have batch while downloading");
+    let (have_root, indices) = raw::parse_have(&have.body).unwrap();
+    assert_eq!(have_root, want.root);
+    assert!(!indices.is_empty());
+    for i in indices {
+        bits[i as usize] = true;
+    }
+    let held = bits.iter().position(|&b| b).expect("some chunk held") as u32;
+    let lacking = bits.iter().rposition(|&b| !b).expect("some chunk missing") as u32;
+
+    c.send(&raw::get_chunk(&want.root, lacking)).unwrap();
+    let no = c
+        .recv_kind(kind::NO_CHUNK, Duration::from_secs(5))
+        .expect("an explicit NoChunk, not silence");
+    assert_eq!(&no.body[..32], &want.root);
+    assert_eq!(
+        u32::from_be_bytes(no.body[32..36].try_into().unwrap()),
+        lacking
+    );
+
+    // The connection stays open and serves a chunk it holds, byte-exact.
+    c.send(&raw::get_chunk(&want.root, held)).unwrap();
+    let chunk = c
+        .recv_kind(kind::CHUNK, Duration::from_secs(5))
+        .expect("the chunk it holds");
+    assert_eq!(
+        u32::from_be_bytes(chunk.body[..4].try_into().unwrap()),
+        held
+    );
+    assert_eq!(
+        *blake3::hash(&chunk.body[4..]).as_bytes(),
+        want.hashes[held as usize]
+    );
+    getter.kill();
+}

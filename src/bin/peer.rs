@@ -93,6 +93,11 @@ struct Args {
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_conns: usize,
 
+    /// When peers are turned away at --max-conns, one served this many
+    /// seconds is told Busy and makes room (it comes back later).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    rotate_after: u64,
+
     /// Seconds between checks of the folder for new or changed files.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     rescan: u64,
@@ -268,6 +273,7 @@ fn run(args: Args) -> Result<(), Failure> {
         upload_limit: args.upload_limit,
         max_peers: args.max_peers.max(1),
         max_conns: args.max_conns.max(1),
+        rotate_after: Duration::from_secs(args.rotate_after.max(1)),
         rescan_interval: Duration::from_secs(args.rescan.max(1)),
         progress_bar: io::stderr().is_terminal() && args.log_file.is_none(),
     };

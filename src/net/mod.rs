@@ -29,6 +29,8 @@ pub struct Acceptor {
     /// The last round ended before the queue was empty: accept again on the
     /// next turn, since no new edge will announce what still waits.
     retry: bool,
+    /// Connections turned away over the cap since [`Acceptor::take_refused`].
+    refused: usize,
 }
 
 /// Accept errors in a row (other than running out of descriptors) before a
@@ -43,6 +45,7 @@ impl Acceptor {
         Acceptor {
             reserve: open_reserve(),
             retry: false,
+            refused: 0,
         }
     }
 
@@ -95,11 +98,18 @@ impl Acceptor {
                 }
             }
         }
+        self.refused += refused;
         if refused > 0 {
             // One line per burst, not one per connection.
             log::warn!("refused {refused} connections as busy: {why}");
         }
         accepted
+    }
+
+    /// How many were turned away over the cap since the last call (a
+    /// seeder rotates who it serves when peers are waiting).
+    pub fn take_refused(&mut self) -> usize {
+        std::mem::take(&mut self.refused)
     }
 
     /// When to try again after an unfinished round: soon, but not a spin

@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod download;
+pub mod fair;
 mod files;
 pub mod link;
 pub mod node;

@@ -26,6 +26,7 @@ use slab::Slab;
 
 use super::commands::{self, Command};
 use super::download::{DownloadError, GetRequest};
+use super::fair::{FairQueue, QUANTUM, Rotation, RotationConfig};
 use super::files::OpenFiles;
 use super::link::{LinkConfig, LinkMode, ManagerLink, Query};
 use super::ratelimit::TokenBucket;
@@ -65,6 +66,9 @@ pub struct NodeConfig {
     pub max_peers: usize,
     /// Most inbound serving connections.
     pub max_conns: usize,
+    /// At the cap, with peers turned away, a connection served this long
+    /// makes room (docs/state/serving.md, rotation).
+    pub rotate_after: Duration,
     /// How often the shared folder is re-read for new or changed files.
     pub rescan_interval: Duration,
     /// Show a progress bar (stderr is a terminal).
@@ -171,6 +175,10 @@ pub struct Node {
     limiter: Option<TokenBucket>,
     /// When the limiter next has tokens for a waiting connection.
     limiter_wake: Option<Instant>,
+    /// Serving connections that may send now, taking turns by bytes.
+    fair: FairQueue,
+    /// Who gives up a serving slot when peers are turned away at the cap.
+    rotation: Rotation,
     pub(super) downloads: Slab<downloads::Job>,
     /// How the downloads of a one-shot get failed.
     failures: Vec<DownloadError>,
@@ -234,6 +242,10 @@ impl Node {
         let limiter = config
             .upload_limit
             .map(|rate| TokenBucket::new(rate, (rate / 4).max(wire::MAX_CHUNK_SIZE as u64), now));
+        let rotation = Rotation::new(RotationConfig {
+            turn: config.rotate_after,
+            ..RotationConfig::default()
+        });
         let mut node = Node {
             next_rescan: now + config.rescan_interval,
             config,
@@ -248,6 +260,8 @@ impl Node {
             open_files: OpenFiles::new(16),
             limiter,
             limiter_wake: None,
+            fair: FairQueue::new(QUANTUM),
+            rotation,
             downloads: Slab::new(),
             failures: Vec::new(),
             mode,
@@ -374,6 +388,7 @@ impl Node {
         deadline = net::earliest(deadline, self.acceptor.retry_at(Instant::now()));
         deadline = net::earliest(deadline, self.limiter_wake);
         deadline = net::earliest(deadline, self.haves_due);
+        deadline = net::earliest(deadline, self.rotation.poll_timeout());
         if !self.downloads.is_empty() {
             deadline = net::earliest(deadline, Some(self.next_progress));
         }
@@ -397,15 +412,10 @@ impl Node {
         }
         if self.limiter_wake.is_some_and(|t| t <= now) {
             self.limiter_wake = None;
-            let serving: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
-                .map(|(k, _)| ConnId(k))
-                .collect();
-            for id in serving {
-                self.pump_serving(id, now);
-            }
+            self.serve_round(now);
+        }
+        if self.rotation.poll_timeout().is_some_and(|t| t <= now) {
+            self.handle_rotation(now);
         }
         // Only what is due: this runs every loop turn, and a busy download
         // takes a turn per read.

@@ -9,7 +9,7 @@ use mio::Token;
 use super::swarm::ServingCatalog;
 use super::*;
 use crate::net::{self, ConnId, Flow, ReadEnd};
-use crate::peer::serve::{Catalog, ServeAction, ServeConfig, ServeSession};
+use crate::peer::serve::{Catalog, ChunkRequest, ServeAction, ServeConfig, ServeSession};
 use crate::wire;
 
 impl Node {
@@ -43,11 +43,13 @@ impl Node {
                 session,
                 manifest: None,
             });
+            self.rotation.handle_accepted(id, now);
             // Our hello goes out now, not when the other side first speaks.
             if self.apply_serve_actions(id) {
                 self.pump_serving(id, now);
             }
         }
+        self.handle_rotation(now);
     }
 
     pub(super) fn handle_peer_readable(&mut self, id: ConnId, now: Instant) {
@@ -164,100 +166,267 @@ impl Node {
         true
     }
 
-    /// Moves queued chunk requests from disk into the socket, as far as the
-    /// socket drains and the upload limit allows.
+    /// Moves this connection's own replies on (what is queued, a manifest
+    /// being streamed), then gives every connection with requests its share
+    /// of the upload (see [`Node::serve_round`]).
     pub(super) fn pump_serving(&mut self, id: ConnId, now: Instant) {
+        match self.pump_own(id) {
+            Own::Closed => return,
+            Own::Ready => self.fair.join(id),
+            Own::Idle => self.fair.leave(id),
+        }
+        self.serve_round(now);
+        self.settle_serving(id);
+    }
+
+    /// Flushes `id` and streams its manifest as far as the socket drains;
+    /// closes it if it was rotated out and its last reply is sent.
+    fn pump_own(&mut self, id: ConnId) -> Own {
+        let Some(PeerConn::Serving { conn, manifest, .. }) = self.conns.get_mut(id.0) else {
+            return Own::Closed;
+        };
+        loop {
+            if conn.flush().is_err() {
+                self.close_peer(id);
+                return Own::Closed;
+            }
+            if conn.pending_write_bytes() >= SEND_LOW_WATER {
+                return Own::Idle;
+            }
+            let Some(stream) = manifest.as_mut() else {
+                break;
+            };
+            // The frame was begun: without the file it cannot be ended.
+            let catalog = ServingCatalog {
+                store: &self.store,
+                downloads: &self.downloads,
+            };
+            let Some(m) = catalog.find_by_root(&stream.root) else {
+                self.close_peer(id);
+                return Own::Closed;
+            };
+            let hashes = &m.hashes[stream.next.min(m.hashes.len())..];
+            let slice = &hashes[..hashes.len().min(MANIFEST_SLICE)];
+            conn.send_with(|out| wire::encode_manifest_hashes(slice, out));
+            stream.next += slice.len();
+            if slice.len() == hashes.len() {
+                *manifest = None;
+                conn.set_hold_reads(false);
+            }
+        }
+        if self.rotation.is_leaving(id) {
+            if !conn.has_pending_writes() {
+                self.close_peer(id);
+                return Own::Closed;
+            }
+            return Own::Idle;
+        }
+        match self.conns.get(id.0) {
+            Some(PeerConn::Serving { session, .. }) if session.peek_request().is_some() => {
+                Own::Ready
+            }
+            _ => Own::Idle,
+        }
+    }
+
+    /// Deficit round robin over the connections with requests queued and
+    /// room in their sockets: each in turn sends up to a quantum of bytes,
+    /// until every one has left (no requests, socket full) or the upload
+    /// limit has no tokens (the head keeps its turn for the next round).
+    /// So the limit, and the sockets' own pace, are shared by bytes.
+    pub(super) fn serve_round(&mut self, now: Instant) {
+        while let Some(id) = self.fair.head() {
+            match self.serve_turn(id, now) {
+                Turn::Sent | Turn::Over | Turn::Closed => {}
+                Turn::Leave => {
+                    self.fair.leave(id);
+                    self.settle_serving(id);
+                }
+                Turn::NoTokens => break,
+            }
+        }
+        // Waiting for tokens: their sockets carry on with what is queued.
+        let mut i = 0;
+        while let Some(id) = self.fair.at(i) {
+            if !self.settle_serving(id) {
+                i += 1;
+            }
+        }
+    }
+
+    /// One step of the head's turn: one chunk sent, or why not.
+    fn serve_turn(&mut self, id: ConnId, now: Instant) -> Turn {
         let Some(PeerConn::Serving {
             conn,
             session,
             manifest,
         }) = self.conns.get_mut(id.0)
         else {
-            return;
+            return Turn::Leave;
+        };
+        if conn.flush().is_err() {
+            self.close_peer(id);
+            return Turn::Closed;
+        }
+        if manifest.is_some()
+            || conn.pending_write_bytes() >= SEND_LOW_WATER
+            || self.rotation.is_leaving(id)
+        {
+            return Turn::Leave;
+        }
+        let Some(req) = session.peek_request().copied() else {
+            return Turn::Leave;
+        };
+        if !self.fair.fits(u64::from(req.len)) {
+            return Turn::Over;
+        }
+        if let Some(bucket) = self.limiter.as_mut()
+            && !bucket.try_take(u64::from(req.len), now)
+        {
+            let at = bucket.ready_at(u64::from(req.len), now);
+            self.limiter_wake = net::earliest(self.limiter_wake, Some(at));
+            return Turn::NoTokens;
+        }
+        let _ = session.pop_request();
+        self.fair.charge(u64::from(req.len));
+        if !self.serve_one_request(id, req) {
+            return Turn::Closed;
+        }
+        // Into the socket now: the next turn may be someone else's.
+        let flushed = self
+            .conns
+            .get_mut(id.0)
+            .is_some_and(|pc| pc.conn().flush().is_ok());
+        if !flushed {
+            self.close_peer(id);
+            return Turn::Closed;
+        }
+        Turn::Sent
+    }
+
+    /// Queues the chunk `req` names on `id` (payload by `sendfile`); false
+    /// if that failed and the connection is closing.
+    fn serve_one_request(&mut self, id: ConnId, req: ChunkRequest) -> bool {
+        let Some(PeerConn::Serving { conn, session, .. }) = self.conns.get_mut(id.0) else {
+            return false;
         };
         let catalog = ServingCatalog {
             store: &self.store,
             downloads: &self.downloads,
         };
-        let mut failed = None;
-        loop {
-            if conn.flush().is_err() {
-                failed = Some(String::new());
-                break;
-            }
-            if conn.pending_write_bytes() >= SEND_LOW_WATER {
-                break;
-            }
-            if let Some(stream) = manifest.as_mut() {
-                // The frame was begun: without the file it cannot be ended.
-                let Some(m) = catalog.find_by_root(&stream.root) else {
-                    failed = Some(String::new());
-                    break;
-                };
-                let hashes = &m.hashes[stream.next.min(m.hashes.len())..];
-                let slice = &hashes[..hashes.len().min(MANIFEST_SLICE)];
-                conn.send_with(|out| wire::encode_manifest_hashes(slice, out));
-                stream.next += slice.len();
-                if slice.len() == hashes.len() {
-                    *manifest = None;
-                    conn.set_hold_reads(false);
-                }
-                continue;
-            }
-            let Some(req) = session.peek_request().copied() else {
-                break;
-            };
-            if let Some(bucket) = self.limiter.as_mut()
-                && !bucket.try_take(req.len as u64, now)
-            {
-                let at = bucket.ready_at(req.len as u64, now);
-                self.limiter_wake = net::earliest(self.limiter_wake, Some(at));
-                break;
-            }
-            let _ = session.pop_request();
-            if let Some(file) = catalog.partial_file(&req.root) {
-                // A download in progress: the session checked the chunk is verified.
-                conn.send_chunk_from_file(req.index, file, req.offset, req.len);
-                self.partial_chunks_served += 1;
-                continue;
-            }
-            let Some(file) = self.store.by_root(&req.root) else {
-                failed = Some(format!("file {} is no longer shared", req.root.short()));
-                break;
-            };
-            match self.open_files.get(&self.store, file) {
-                Ok(f) => conn.send_chunk_from_file(req.index, f, req.offset, req.len),
-                Err(e) => {
-                    failed = Some(format!("cannot open {}: {e}", file.name));
-                    break;
-                }
-            }
+        if let Some(file) = catalog.partial_file(&req.root) {
+            // A download in progress: the session checked the chunk is verified.
+            conn.send_chunk_from_file(req.index, file, req.offset, req.len);
+            self.partial_chunks_served += 1;
+            return true;
         }
-        match failed {
-            None => {
-                if conn
-                    .sync_interest(self.poll.registry(), Token(id.0))
-                    .is_err()
-                {
-                    self.close_peer(id);
-                } else if conn.should_resume_reading() {
-                    self.revisit.push(id);
+        let why = match self.store.by_root(&req.root) {
+            None => format!("file {} is no longer shared", req.root.short()),
+            Some(file) => match self.open_files.get(&self.store, file) {
+                Ok(f) => {
+                    conn.send_chunk_from_file(req.index, f, req.offset, req.len);
+                    return true;
                 }
-            }
-            Some(why) if why.is_empty() => self.close_peer(id),
-            Some(why) => {
-                log::warn!("{why}");
-                session.handle_read_failed(why);
-                self.apply_serve_actions(id);
-            }
+                Err(e) => format!("cannot open {}: {e}", file.name),
+            },
+        };
+        log::warn!("{why}");
+        session.handle_read_failed(why);
+        self.apply_serve_actions(id);
+        self.close_peer(id);
+        false
+    }
+
+    /// Registers for WRITABLE while bytes wait, and reads again if replies
+    /// had held reads; returns true if the connection closed.
+    fn settle_serving(&mut self, id: ConnId) -> bool {
+        let Some(PeerConn::Serving { conn, .. }) = self.conns.get_mut(id.0) else {
+            return true;
+        };
+        if conn
+            .sync_interest(self.poll.registry(), Token(id.0))
+            .is_err()
+        {
+            self.close_peer(id);
+            return true;
+        }
+        if conn.should_resume_reading() {
+            self.revisit.push(id);
+        }
+        false
+    }
+
+    /// Rotation at the connection cap (docs/state/serving.md): rotates the
+    /// longest-served connection out if the rule says so, and closes
+    /// rotated-out ones that did not take their last replies in time.
+    pub(super) fn handle_rotation(&mut self, now: Instant) {
+        if self.acceptor.take_refused() > 0 {
+            self.rotation.handle_refused(now);
+        }
+        while let Some(id) = self.rotation.poll_expired(now) {
+            self.close_peer(id);
+        }
+        let serving = self
+            .conns
+            .iter()
+            .filter(|(_, pc)| matches!(pc, PeerConn::Serving { .. }))
+            .count();
+        let at_cap = serving >= self.config.max_conns;
+        if let Some(id) = self.rotation.poll_rotate(at_cap, now) {
+            self.rotate_out(id, now);
         }
     }
 
+    /// Tells `id` it is Busy after the chunks already queued for it, serves
+    /// it nothing more, and closes it once that is sent.
+    fn rotate_out(&mut self, id: ConnId, now: Instant) {
+        let Some(PeerConn::Serving { conn, session, .. }) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        log::info!(
+            "rotating {} out: a peer is waiting for a serving slot",
+            conn.peer_addr()
+        );
+        while session.pop_request().is_some() {}
+        conn.set_hold_reads(true);
+        conn.send(&wire::Message::Error {
+            code: wire::ErrorCode::Busy,
+            reason: format!(
+                "this peer serves at most {} connections; others are waiting",
+                self.config.max_conns
+            ),
+        });
+        self.fair.leave(id);
+        self.pump_serving(id, now);
+    }
+
     pub(super) fn close_peer(&mut self, id: ConnId) {
+        self.fair.leave(id);
+        self.rotation.handle_closed(id);
         if let Some(pc) = self.conns.try_remove(id.0) {
             pc.into_conn().close(self.poll.registry());
         }
     }
+}
+
+/// Where a connection stands after its own replies moved on.
+enum Own {
+    Closed,
+    /// Has requests, room in its socket, and nothing else to send first.
+    Ready,
+    Idle,
+}
+
+/// How one step of a connection's turn ended.
+enum Turn {
+    Sent,
+    /// Its quantum is used up; the next connection's turn began.
+    Over,
+    /// Nothing to send or no room: out of the round until it has.
+    Leave,
+    Closed,
+    /// The upload limit is out of tokens: the round waits for the bucket.
+    NoTokens,
 }
 
 /// Hashes per slice of a streamed manifest (64 KiB of the frame).
