@@ -218,8 +218,12 @@ pub struct Registry {
     /// The network was at most the full-list limit at the last broadcast:
     /// members follow the list. When false, no member follows.
     listing: bool,
-    /// The count the last `PeerCount` broadcast carried.
+    /// The count the last `PeerCount` broadcast carried, and when: above
+    /// the limit the count goes out at most once a heartbeat (departures
+    /// still every window), so a churning big network costs each member
+    /// one 9-byte frame a heartbeat, not twenty a second.
     announced_count: u32,
+    count_sent_at: Option<Instant>,
     /// Watched peer -> the members that were told about it.
     watchers: HashMap<PeerId, BTreeSet<ConnId>>,
     /// Watched peers that left since the last broadcast, by watcher.
@@ -249,6 +253,7 @@ impl Registry {
             join_list: None,
             listing: true,
             announced_count: 0,
+            count_sent_at: None,
             watchers: HashMap::new(),
             departures: BTreeMap::new(),
             rotate: 0,
@@ -446,7 +451,7 @@ impl Registry {
             self.ping_members(now);
         }
         if self.broadcast_due.is_some_and(|t| t <= now) {
-            self.broadcast();
+            self.broadcast(now);
         }
     }
 
@@ -737,9 +742,10 @@ impl Registry {
     }
 
     fn membership_changed(&mut self, now: Instant) {
-        if self.broadcast_due.is_none() {
-            self.broadcast_due = Some(now + self.config.broadcast_delay);
-        }
+        // Earlier than a held-back count's window: a change goes out within
+        // the broadcast delay.
+        let due = now + self.config.broadcast_delay;
+        self.broadcast_due = Some(self.broadcast_due.map_or(due, |t| t.min(due)));
         if self.members.is_empty() {
             self.next_ping = None;
         }
@@ -751,10 +757,11 @@ impl Registry {
     /// walk over the member set to find them), and the whole set as one
     /// delta to a member that does not follow (it joined above the limit,
     /// or the network just came back down to it). Above the limit: one
-    /// `PeerCount` to every member if the count changed. Either way, each
+    /// `PeerCount` to every member if the count changed (at most once a
+    /// heartbeat; a change held back re-arms the window). Either way, each
     /// watcher gets the departures of the peers it watched that its delta
     /// does not already carry.
-    fn broadcast(&mut self) {
+    fn broadcast(&mut self, now: Instant) {
         self.broadcast_due = None;
         self.join_list = None;
         let removed = std::mem::take(&mut self.pending_removed);
@@ -822,16 +829,25 @@ impl Registry {
                 }
             }
             self.listing = false;
-            if crossed || count(total) != self.announced_count {
+            let next_count = self.count_sent_at.map(|t| t + self.config.heartbeat);
+            let changed = count(total) != self.announced_count;
+            if crossed || (changed && next_count.is_none_or(|t| t <= now)) {
                 log::debug!("broadcast: {total} peers");
                 let frame: Rc<[Message<'static>]> = Rc::new([Message::PeerCount {
                     total: count(total),
                 }]);
                 self.actions
                     .push_back(Action::Broadcast(self.members.conns(), frame));
+                self.announced_count = count(total);
+                self.count_sent_at = Some(now);
+            } else if changed {
+                self.broadcast_due = next_count;
             }
         }
-        self.announced_count = count(total);
+        if total <= self.config.full_list_limit {
+            self.announced_count = count(total);
+            self.count_sent_at = None;
+        }
         for (conn, removed) in departures {
             if !removed.is_empty() {
                 let added = Vec::new();
@@ -1217,7 +1233,8 @@ mod tests {
         })
     }
 
-    /// What each connection was sent, in order, broadcasts spread out.
+    /// What each connection was sent, in order, broadcasts spread out
+    /// (pings left out).
     fn sent(r: &mut Registry) -> BTreeMap<ConnId, Vec<Message<'static>>> {
         let mut out: BTreeMap<ConnId, Vec<Message<'static>>> = BTreeMap::new();
         for a in drain(r) {
@@ -1232,6 +1249,10 @@ mod tests {
                 Action::Close(_) => {}
             }
         }
+        for msgs in out.values_mut() {
+            msgs.retain(|m| !matches!(m, Message::Ping { .. }));
+        }
+        out.retain(|_, msgs| !msgs.is_empty());
         out
     }
 
@@ -1314,12 +1335,15 @@ mod tests {
                 "{c}: {got:?}"
             );
         }
-        // A leave nobody watched: the new count, no delta.
+        // A leave nobody watched: the new count, no delta, and the count
+        // at most once a heartbeat.
         r.handle_disconnected(ConnId(1), now);
         join(&mut r, 4, now);
         sent(&mut r);
         join(&mut r, 5, now);
         sent(&mut r);
+        assert!(window(&mut r, &mut now).is_empty(), "held to the heartbeat");
+        now += r.config.heartbeat;
         let got = window(&mut r, &mut now);
         for c in [2, 3, 4, 5] {
             assert!(
@@ -1380,16 +1404,27 @@ mod tests {
         r.handle_disconnected(ConnId(1), now);
         check_invariants(&r);
         let got = window(&mut r, &mut now);
-        assert_eq!(removed_of(&got[&ConnId(2)]), [PeerId(1)], "{got:?}");
-        assert!(got[&ConnId(2)].iter().any(|m| is_count(m, 4)));
+        assert!(
+            matches!(&got[&ConnId(2)][..], [Message::PeerDelta { added, removed }]
+                if added.is_empty() && removed == &[PeerId(1)]),
+            "at once, in the next window: {got:?}"
+        );
         for c in 3..=5 {
-            assert!(removed_of(&got[&ConnId(c)]).is_empty(), "{c} never asked");
-            assert!(matches!(&got[&ConnId(c)][..], [m] if is_count(m, 4)));
+            assert!(!got.contains_key(&ConnId(c)), "{c} never asked: {got:?}");
+        }
+        // The count follows within a heartbeat, to everyone.
+        now += r.config.heartbeat;
+        let got = window(&mut r, &mut now);
+        for c in 2..=5 {
+            assert!(
+                matches!(&got[&ConnId(c)][..], [m] if is_count(m, 4)),
+                "{got:?}"
+            );
         }
         // Told once: a second leave of nobody it watched says nothing.
         r.handle_disconnected(ConnId(3), now);
         let got = window(&mut r, &mut now);
-        assert!(removed_of(&got[&ConnId(2)]).is_empty());
+        assert!(!got.contains_key(&ConnId(2)), "{got:?}");
     }
 
     #[test]
