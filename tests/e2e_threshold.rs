@@ -30,7 +30,7 @@ fn above_the_limit_a_downloader_learns_at_once_that_its_source_left() {
     let manager = Manager::start_with("127.0.0.1:0", 0.3, 1.2, &["--full-list-limit", "2"]);
     let seed_dir = TempDir::new().unwrap();
     write_pattern(&seed_dir.path().join("big.bin"), 40 * MIB, 5);
-    let mut seeder = Peer::start(seed_dir.path(), manager.addr, &["--upload-limit", "1MiB"]);
+    let seeder = Peer::start(seed_dir.path(), manager.addr, &["--upload-limit", "1MiB"]);
     let idle: Vec<(TempDir, Peer)> = (0..3)
         .map(|_| {
             let d = TempDir::new().unwrap();
