@@ -188,5 +188,63 @@ fn bench_joins(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_requests, bench_joins);
+/// The same joins with every member following the full list (the limit
+/// above N): the cost the threshold avoids, at the sizes that finish.
+fn bench_joins_full_lists(c: &mut Criterion) {
+    let mut group = c.benchmark_group("registry-joins-full-lists");
+    group.sample_size(10);
+    for n in [1_000usize, 10_000] {
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter(|| {
+                let now = Instant::now();
+                let config = RegistryConfig {
+                    full_list_limit: usize::MAX,
+                    ..RegistryConfig::default()
+                };
+                let mut r = Registry::new(config);
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for i in 0..n {
+                    join(&mut r, i, now);
+                    bytes += drain(&mut r, &mut out);
+                }
+                r.handle_timeout(now + r.config().broadcast_delay);
+                bytes + drain(&mut r, &mut out)
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One timer tick with N members, none due: independent of N.
+fn bench_idle_tick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("registry-idle-tick");
+    for n in [10_000usize, 1_000_000] {
+        let now = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let mut out = Vec::new();
+        for i in 0..n {
+            join(&mut r, i, now);
+            drain(&mut r, &mut out);
+        }
+        let later = now + r.config().broadcast_delay;
+        r.handle_timeout(later);
+        drain(&mut r, &mut out);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                r.handle_timeout(later);
+                drain(&mut r, &mut out)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_requests,
+    bench_joins,
+    bench_joins_full_lists,
+    bench_idle_tick
+);
 criterion_main!(benches);
