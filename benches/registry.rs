@@ -1,7 +1,12 @@
 //! The manager core at its limits, no sockets: the cost of one request to
 //! the loop (a WhoHas on the most contested name, a ShareFiles of the most
-//! files one registration may share, a FileList page) and of N joins. Each
-//! request's answer is also encoded, as the shell would.
+//! files one registration may share, a FileList page), of N joins at 10^4
+//! to 10^6 (above the default full-list limit: joiners get the count), of
+//! joins with everyone following the full list (10^3, 10^4), and of one
+//! timer tick with nothing due at 10^4 and 10^6 members (it must not grow
+//! with N). Each request's answer is also encoded, as the shell would.
+//! Resident memory at 10^6: `tests/registry_scale.rs`,
+//! `examples/registry_scale.rs`.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -188,5 +193,63 @@ fn bench_joins(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_requests, bench_joins);
+/// The same joins with every member following the full list (the limit
+/// above N): the cost the threshold avoids, at the sizes that finish.
+fn bench_joins_full_lists(c: &mut Criterion) {
+    let mut group = c.benchmark_group("registry-joins-full-lists");
+    group.sample_size(10);
+    for n in [1_000usize, 10_000] {
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter(|| {
+                let now = Instant::now();
+                let config = RegistryConfig {
+                    full_list_limit: usize::MAX,
+                    ..RegistryConfig::default()
+                };
+                let mut r = Registry::new(config);
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for i in 0..n {
+                    join(&mut r, i, now);
+                    bytes += drain(&mut r, &mut out);
+                }
+                r.handle_timeout(now + r.config().broadcast_delay);
+                bytes + drain(&mut r, &mut out)
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One timer tick with N members, none due: independent of N.
+fn bench_idle_tick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("registry-idle-tick");
+    for n in [10_000usize, 1_000_000] {
+        let now = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let mut out = Vec::new();
+        for i in 0..n {
+            join(&mut r, i, now);
+            drain(&mut r, &mut out);
+        }
+        let later = now + r.config().broadcast_delay;
+        r.handle_timeout(later);
+        drain(&mut r, &mut out);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                r.handle_timeout(later);
+                drain(&mut r, &mut out)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_requests,
+    bench_joins,
+    bench_joins_full_lists,
+    bench_idle_tick
+);
 criterion_main!(benches);

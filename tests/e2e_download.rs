@@ -112,9 +112,14 @@ fn a_finished_download_is_served_with_seed() {
     wait_holders(manager.addr, "f.bin", 1);
     let dl = TempDir::new().unwrap();
     let mut p = spawn_get(dl.path(), manager.addr, "f.bin", &["--seed"]);
+    // A downloader is listed from the moment its partial file is open, so
+    // being listed is not yet being done: wait for the summary first.
+    wait_for(WAIT, "the download to finish", || {
+        p.stdout.text().contains("downloaded f.bin")
+    });
     wait_holders(manager.addr, "f.bin", 2);
     assert!(p.is_running(), "--seed keeps the peer running");
-    assert!(p.stdout.text().contains("downloaded f.bin"));
+    assert!(same_bytes(&src, &dl.path().join("f.bin")));
 }
 
 #[test]

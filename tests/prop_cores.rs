@@ -188,6 +188,7 @@ proptest! {
             peer_timeout: Duration::from_millis(1500),
             broadcast_delay: Duration::from_millis(50),
             hello_timeout: Duration::from_millis(2000),
+            full_list_limit: 3,
         };
         let remote: SocketAddr = "10.0.0.9:5000".parse().unwrap();
         let mut run = RegRun { reg: Registry::new(config), live: BTreeSet::new(), now: Instant::now() };
@@ -232,6 +233,7 @@ proptest! {
             }
             run.drain();
             run.check_views();
+            run.reg.check_invariants();
         }
     }
 }

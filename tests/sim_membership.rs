@@ -1317,3 +1317,91 @@ fn honest_peers_stay_listed_while_a_hostile_one_floods() {
         "the flooder is only busy, not wrong"
     );
 }
+
+/// Departures a link was told of, by link.
+fn told_left(sim: &Sim, i: usize) -> Vec<PeerId> {
+    sim.links[i]
+        .events
+        .iter()
+        .flat_map(|(_, e)| match e {
+            LinkEvent::PeersLeft(ids) => ids.clone(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn above_the_full_list_limit_links_follow_the_count_and_hear_of_watched_departures() {
+    let mut sim = Sim::new(21);
+    sim.registry_config.full_list_limit = 3;
+    sim.registry = Some(Registry::new(sim.registry_config));
+    let links: Vec<usize> = (0..6).map(|_| sim.add_member()).collect();
+    let (holder, asker) = (links[0], links[5]);
+    sim.links[holder].core.set_shared(vec![file("f", 1)]);
+    sim.run_for(Duration::from_secs(1));
+    for &i in &links {
+        assert_eq!(sim.links[i].core.peer_count(), Some(6), "link {i}");
+        assert!(
+            sim.links[i].core.peers().is_empty(),
+            "link {i} keeps no list"
+        );
+    }
+    let holder_id = sim.id(holder);
+    let LinkEvent::Holders(_, groups) = sim.ask(asker, Query::WhoHas(name("f"))) else {
+        panic!("not holders");
+    };
+    assert_eq!(groups[0].peers[0].id, holder_id);
+
+    // The holder crashes: the asker is told within a window, the others not.
+    sim.crash(holder);
+    sim.run_for(sim.registry_config.broadcast_delay + 3 * sim.max_delay());
+    assert_eq!(told_left(&sim, asker), [holder_id]);
+    for &i in &links[1..5] {
+        assert!(told_left(&sim, i).is_empty(), "link {i} never asked");
+    }
+    sim.registry().check_invariants();
+
+    // Down to the limit: every link follows the whole list again.
+    sim.shutdown(links[1]);
+    sim.shutdown(links[2]);
+    sim.run_for(Duration::from_secs(3));
+    for &i in &links[3..] {
+        assert_eq!(sim.links[i].core.peer_count(), None, "link {i}");
+    }
+    sim.assert_converged("back at the limit");
+    // And one more join crosses up again.
+    let late = sim.add_member();
+    sim.run_for(Duration::from_secs(3));
+    for i in [links[3], links[4], links[5], late] {
+        assert_eq!(sim.links[i].core.peer_count(), Some(4), "link {i}");
+    }
+}
+
+#[test]
+fn lists_converge_whenever_churn_brings_the_network_back_to_the_limit() {
+    for seed in 0..8 {
+        let mut sim = Sim::new(100 + seed);
+        sim.registry_config.full_list_limit = 4;
+        sim.registry = Some(Registry::new(sim.registry_config));
+        let mut live: Vec<usize> = (0..3).map(|_| sim.add_member()).collect();
+        for round in 0..12 {
+            // Up to seven, then back down to at most four.
+            while live.len() < 3 + (round % 5) {
+                live.push(sim.add_member());
+                let gap = MS * sim.rng.between(0, 80) as u32;
+                sim.run_for(gap);
+            }
+            sim.run_for(Duration::from_secs(1));
+            while live.len() > 4 {
+                let k = sim.rng.between(0, live.len() as u64 - 1) as usize;
+                let i = live.swap_remove(k);
+                match sim.rng.between(0, 1) {
+                    0 => sim.shutdown(i),
+                    _ => sim.crash(i),
+                }
+            }
+            sim.run_for(Duration::from_secs(3));
+            sim.assert_converged(&format!("seed {seed}, round {round}"));
+        }
+    }
+}

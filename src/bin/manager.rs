@@ -33,6 +33,14 @@ struct Args {
     #[arg(long, default_value_t = 6.0, value_name = "SECS", value_parser = positive_secs)]
     peer_timeout: f64,
 
+    /// The full-list threshold. While the network has at most N peers, every
+    /// peer gets the whole peer list on joining and every change after.
+    /// Above N a peer gets only the count (again whenever it changes) and
+    /// the departures of the peers it was told about when it asked who has
+    /// a file; `peer peers` then shows one page and the total.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    full_list_limit: usize,
+
     /// Most simultaneous connections (peers and queries).
     #[arg(long, default_value_t = 4096, value_name = "N")]
     max_conns: usize,
@@ -161,6 +169,7 @@ fn main() -> ExitCode {
         registry: RegistryConfig {
             heartbeat: Duration::from_secs_f64(args.heartbeat),
             peer_timeout: Duration::from_secs_f64(args.peer_timeout),
+            full_list_limit: args.full_list_limit,
             ..RegistryConfig::default()
         },
         max_conns: args.max_conns,

@@ -294,6 +294,8 @@ fn query(
     let text = match (answer, json) {
         (Answer::Peers(peers), false) => output::peer_entries(&peers, None),
         (Answer::Peers(peers), true) => output::peers_json(&peers),
+        (Answer::PeerPage { peers, total }, false) => output::peer_page(&peers, total, None),
+        (Answer::PeerPage { peers, total }, true) => output::peer_page_json(&peers, total),
         (Answer::Files(files), false) => output::network_files(&files),
         (Answer::Files(files), true) => output::files_json(&files),
     };

@@ -3,7 +3,9 @@
 
 pub mod allow;
 mod index;
+mod members;
 pub mod registry;
 pub mod server;
+mod timers;
 
 pub use registry::{Registry, RegistryConfig};

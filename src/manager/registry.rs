@@ -4,20 +4,27 @@
 //! moves bytes and fires the deadline from [`Registry::poll_timeout`].
 //!
 //! Liveness: the registry pings every member each heartbeat; a member not
-//! heard from (any frame counts) for the peer timeout is swept. Broadcasts:
-//! a change to the member set arms a short coalescing timer; when it fires,
-//! every member gets one `PeerDelta` computed as the difference between what
-//! was last broadcast and the set now, so a burst of joins and leaves costs
-//! one small frame per member, not a full list per change per member.
+//! heard from (any frame counts) for the peer timeout is swept. Deadlines
+//! sit in buckets a fraction of a heartbeat wide ([`timers`](super::timers)),
+//! so a sweep looks only at the connections whose bucket is due.
+//!
+//! Broadcasts: a change to the member set arms a short coalescing timer;
+//! when it fires, every member gets one `PeerDelta` computed as the
+//! difference between what was last broadcast and the set now, so a burst of
+//! joins and leaves costs one small frame per member, not a full list per
+//! change per member. Above the full-list limit the members stop following
+//! the list: they get `PeerCount` instead, and each member hears only of
+//! the departures of peers it was told about in `Holders` answers.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::ops::Bound;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::index::FileIndex;
+use super::members::Members;
+use super::timers::{Slot, Wheel};
 use crate::net::ConnId;
 use crate::wire::{
     self, Accept, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, Hash, HolderGroup,
@@ -25,7 +32,12 @@ use crate::wire::{
     PeerId, PeerKey, Role, accept,
 };
 
-/// Timers of the membership protocol.
+/// Most peers a member is remembered to have been told about (in `Holders`
+/// answers) for departures on a network above the full-list limit; the
+/// oldest are forgotten first.
+pub const MAX_WATCHED: usize = 256;
+
+/// Timers of the membership protocol, and the full-list limit.
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryConfig {
     /// How often each member is pinged.
@@ -36,6 +48,10 @@ pub struct RegistryConfig {
     pub broadcast_delay: Duration,
     /// Most connections waiting for their hello; also bounds how long one may wait.
     pub hello_timeout: Duration,
+    /// While the network has at most this many members, every member gets
+    /// the full list and every change; above it, the count and the
+    /// departures of the peers it was told about.
+    pub full_list_limit: usize,
 }
 
 impl Default for RegistryConfig {
@@ -45,6 +61,7 @@ impl Default for RegistryConfig {
             peer_timeout: Duration::from_secs(6),
             broadcast_delay: Duration::from_millis(50),
             hello_timeout: Duration::from_secs(10),
+            full_list_limit: 1000,
         }
     }
 }
@@ -86,8 +103,8 @@ impl fmt::Display for LeaveReason {
 
 #[derive(Debug)]
 enum ConnState {
-    /// Connected; its hello not yet seen.
-    AwaitingHello { since: Instant },
+    /// Connected; its hello not yet seen. `armed`: its deadline's bucket.
+    AwaitingHello { since: Instant, armed: Slot },
     /// Said hello; may ask questions or register.
     Client,
     /// A registered, live peer.
@@ -98,17 +115,25 @@ enum ConnState {
 struct Member {
     id: PeerId,
     last_heard: Instant,
+    /// The bucket its timeout entry is in (see [`Wheel`]).
+    armed: Slot,
+    /// Whether its list is the member set as of the last broadcast (it got
+    /// the join list, or a full delta, and every delta since).
+    follows: bool,
     /// What it shares: sorted by name, one version per name, no duplicates.
     files: Vec<FileSummary>,
+    /// Peers named to it in `Holders` answers, oldest first, at most
+    /// [`MAX_WATCHED`]: it hears of their departures.
+    watched: Vec<PeerId>,
 }
 
 /// A live member as the lists show it.
 #[derive(Debug, Clone, Copy)]
-struct Live {
-    conn: ConnId,
-    addr: SocketAddr,
+pub(super) struct Live {
+    pub conn: ConnId,
+    pub addr: SocketAddr,
     /// What its handshake proved ([`PeerKey::UNKNOWN`] on an open network).
-    key: PeerKey,
+    pub key: PeerKey,
 }
 
 impl Live {
@@ -121,11 +146,59 @@ impl Live {
     }
 }
 
+/// Connection states by [`ConnId`]. The shell's ids are slab keys, small
+/// and dense, so a vector indexed by them is the compact map: about one
+/// state's size per slot, where a hash map of a million entries doubles it.
+#[derive(Debug, Default)]
+struct ConnTable {
+    slots: Vec<Option<ConnState>>,
+    len: usize,
+}
+
+impl ConnTable {
+    fn get(&self, conn: ConnId) -> Option<&ConnState> {
+        self.slots.get(conn.0)?.as_ref()
+    }
+
+    fn get_mut(&mut self, conn: ConnId) -> Option<&mut ConnState> {
+        self.slots.get_mut(conn.0)?.as_mut()
+    }
+
+    fn insert(&mut self, conn: ConnId, state: ConnState) {
+        if conn.0 >= self.slots.len() {
+            self.slots.resize_with(conn.0 + 1, || None);
+        }
+        if self.slots[conn.0].replace(state).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, conn: ConnId) -> Option<ConnState> {
+        let state = self.slots.get_mut(conn.0)?.take()?;
+        self.len -= 1;
+        Some(state)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (ConnId, &ConnState)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (ConnId(i), s)))
+    }
+
+    fn member_mut(&mut self, conn: ConnId) -> Option<&mut Member> {
+        match self.get_mut(conn)? {
+            ConnState::Member(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
 pub struct Registry {
     config: RegistryConfig,
-    conns: HashMap<ConnId, ConnState>,
+    conns: ConnTable,
     /// Live members by id: the source of every peer list and page.
-    members: BTreeMap<PeerId, Live>,
+    members: Members,
     /// Who shares what; every answer about files reads only this.
     index: FileIndex,
     next_peer_id: u64,
@@ -142,12 +215,25 @@ pub struct Registry {
     /// joiner from it to the live set, so it is built once per broadcast
     /// window, not once per join.
     join_list: Option<(Rc<[Message<'static>]>, PeerId)>,
+    /// The network was at most the full-list limit at the last broadcast:
+    /// members follow the list. When false, no member follows.
+    listing: bool,
+    /// The count the last `PeerCount` broadcast carried, and when: above
+    /// the limit the count goes out at most once a heartbeat (departures
+    /// still every window), so a churning big network costs each member
+    /// one 9-byte frame a heartbeat, not twenty a second.
+    announced_count: u32,
+    count_sent_at: Option<Instant>,
+    /// Watched peer -> the members that were told about it.
+    watchers: HashMap<PeerId, BTreeSet<ConnId>>,
+    /// Watched peers that left since the last broadcast, by watcher.
+    departures: BTreeMap<ConnId, Vec<PeerId>>,
     /// Turns every `WhoHas` to a new starting holder.
     rotate: u64,
     broadcast_due: Option<Instant>,
     next_ping: Option<Instant>,
-    /// Earliest moment any member or handshake can expire (may be early, never late).
-    next_sweep: Option<Instant>,
+    /// Hello and peer timeouts, bucketed.
+    deadlines: Wheel,
     actions: VecDeque<Action>,
     /// Static keys proved by each connection's handshake (sealed networks).
     keys: HashMap<ConnId, PeerKey>,
@@ -157,18 +243,23 @@ impl Registry {
     pub fn new(config: RegistryConfig) -> Registry {
         Registry {
             config,
-            conns: HashMap::new(),
-            members: BTreeMap::new(),
+            conns: ConnTable::default(),
+            members: Members::default(),
             index: FileIndex::default(),
             next_peer_id: 1,
             next_nonce: 1,
             announced_upto: PeerId(0),
             pending_removed: Vec::new(),
             join_list: None,
+            listing: true,
+            announced_count: 0,
+            count_sent_at: None,
+            watchers: HashMap::new(),
+            departures: BTreeMap::new(),
             rotate: 0,
             broadcast_due: None,
             next_ping: None,
-            next_sweep: None,
+            deadlines: Wheel::new(config.heartbeat / 4),
             actions: VecDeque::new(),
             keys: HashMap::new(),
         }
@@ -185,14 +276,14 @@ impl Registry {
     /// before its hello only `Hello` (and `Error`), before `Register` no
     /// `ShareFiles`, and never a peer-to-peer or manager-to-peer kind.
     pub fn max_frame_body(&self, conn: ConnId, kind: u8) -> Option<usize> {
-        self.conns.get(&conn)?;
+        self.conns.get(conn)?;
         self.accepts(conn).limit(kind)
     }
 
     /// The shell read the header of a frame that [`Registry::max_frame_body`]
     /// refuses: the connection is told why and closed.
     pub fn handle_refused_frame(&mut self, conn: ConnId, kind: u8, body_len: usize, now: Instant) {
-        let Some(state) = self.conns.get(&conn) else {
+        let Some(state) = self.conns.get(conn) else {
             self.actions.push_back(Action::Close(conn));
             return;
         };
@@ -214,8 +305,15 @@ impl Registry {
     /// A new connection: greet it and give it until the hello timeout.
     pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
         self.keys.remove(&conn);
+        if self.conns.get(conn).is_some() {
+            // A reused id the shell never reported closed: the old one is gone.
+            self.drop_conn(conn, LeaveReason::Disconnected, now);
+        }
+        let armed = self
+            .deadlines
+            .arm(conn, now + self.config.hello_timeout, now);
         self.conns
-            .insert(conn, ConnState::AwaitingHello { since: now });
+            .insert(conn, ConnState::AwaitingHello { since: now, armed });
         self.send(
             conn,
             Message::Hello {
@@ -223,7 +321,6 @@ impl Registry {
                 role: Role::Manager,
             },
         );
-        self.arm_sweep(now + self.config.hello_timeout);
     }
 
     /// The connection's Noise handshake proved `key` (sealed networks only;
@@ -247,7 +344,7 @@ impl Registry {
         msg: Message<'_>,
         now: Instant,
     ) {
-        let Some(state) = self.conns.get_mut(&conn) else {
+        let Some(state) = self.conns.get_mut(conn) else {
             return; // stale: the connection was already dropped
         };
         if let ConnState::Member(m) = state {
@@ -261,6 +358,7 @@ impl Registry {
                     );
                     self.refuse(conn, ErrorCode::Incompatible, reason, now);
                 } else {
+                    // Its wheel entry goes stale: a client has no deadline.
                     self.conns.insert(conn, ConnState::Client);
                 }
             }
@@ -288,7 +386,16 @@ impl Registry {
             (ConnState::Client | ConnState::Member(_), Message::Ping { nonce }) => {
                 self.send(conn, Message::Pong { nonce });
             }
-            (ConnState::Client | ConnState::Member(_), Message::ListPeers { after }) => {
+            (state, Message::ListPeers { after })
+                if !matches!(state, ConnState::AwaitingHello { .. }) =>
+            {
+                // A client gets no broadcasts: above the limit, the answer
+                // tells it how many there are in all.
+                let client = matches!(state, ConnState::Client);
+                if client && self.members.len() > self.config.full_list_limit {
+                    let total = count(self.members.len());
+                    self.send(conn, Message::PeerCount { total });
+                }
                 let (peers, more) = self.peer_page(after, PEER_PAGE);
                 self.send(conn, Message::PeerList { peers, more });
             }
@@ -301,6 +408,7 @@ impl Registry {
                 let start =
                     (self.rotate.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) % self.next_peer_id;
                 let (groups, truncated) = self.holders_from(&name, start);
+                self.watch(conn, &groups);
                 self.send(
                     conn,
                     Message::Holders {
@@ -324,7 +432,7 @@ impl Registry {
     /// What the next frame from `conn` may be: only a hello before the hello,
     /// and a big file list only from a registered member.
     pub fn accepts(&self, conn: ConnId) -> Accept {
-        match self.conns.get(&conn) {
+        match self.conns.get(conn) {
             Some(ConnState::Member(_)) => accept::MANAGER_MEMBER,
             Some(ConnState::Client) => accept::MANAGER_CLIENT,
             _ => accept::MANAGER_BEFORE_HELLO,
@@ -338,14 +446,12 @@ impl Registry {
 
     /// Fires due timers: handshake and member timeouts, pings, the broadcast.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.next_sweep.is_some_and(|t| t <= now) {
-            self.sweep(now);
-        }
+        self.sweep(now);
         if self.next_ping.is_some_and(|t| t <= now) {
             self.ping_members(now);
         }
         if self.broadcast_due.is_some_and(|t| t <= now) {
-            self.broadcast();
+            self.broadcast(now);
         }
     }
 
@@ -356,24 +462,33 @@ impl Registry {
 
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.next_sweep, self.next_ping, self.broadcast_due]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.deadlines.next_due(),
+            self.next_ping,
+            self.broadcast_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// How many live members the network has.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
     }
 
     /// Every live peer, ordered by id (the operator's `peers` command).
     pub fn peer_list(&self) -> Vec<PeerEntry> {
-        self.members.iter().map(|(&id, l)| l.entry(id)).collect()
+        self.members.iter().map(|(id, l)| l.entry(id)).collect()
     }
 
     /// Live peers with ids above `after`, at most `limit`, and whether more
-    /// follow. O(page · log n).
+    /// follow. O(page + log n).
     pub fn peer_page(&self, after: PeerId, limit: usize) -> (Vec<PeerEntry>, bool) {
         let mut peers: Vec<PeerEntry> = self
             .members
-            .range((Bound::Excluded(after), Bound::Unbounded))
-            .map(|(&id, l)| l.entry(id))
+            .after(after)
+            .map(|(id, l)| l.entry(id))
             .take(limit.saturating_add(1))
             .collect();
         let more = peers.len() > limit;
@@ -404,26 +519,57 @@ impl Registry {
 
     fn holders_from(&self, name: &FileName, start: u64) -> (Vec<HolderGroup>, bool) {
         self.index
-            .holders(name, start, |id| self.members.get(&id).map(|l| l.entry(id)))
+            .holders(name, start, |id| self.members.get(id).map(|l| l.entry(id)))
     }
 
     /// Checks the invariants docs/state/membership.md states (for tests):
-    /// `members` and the `Member` connections agree, and the index holds
-    /// exactly the members' shared files.
+    /// `members` and the `Member` connections agree, the index holds
+    /// exactly the members' shared files, every deadline is in the wheel,
+    /// and the watch lists and their reverse map mirror each other.
     pub fn check_invariants(&self) {
+        self.members.check_invariants();
         let mut shared = 0;
-        for (id, live) in &self.members {
-            match self.conns.get(&live.conn) {
-                Some(ConnState::Member(m)) if m.id == *id => shared += m.files.len(),
+        for (id, live) in self.members.iter() {
+            match self.conns.get(live.conn) {
+                Some(ConnState::Member(m)) if m.id == id => shared += m.files.len(),
                 other => panic!("member {id} points at {other:?}"),
             }
         }
-        let member_conns = self
-            .conns
-            .values()
-            .filter(|s| matches!(s, ConnState::Member(_)))
-            .count();
+        let mut member_conns = 0;
+        let mut watch_pairs = 0;
+        for (conn, state) in self.conns.iter() {
+            match state {
+                ConnState::AwaitingHello { armed, .. } => {
+                    assert!(
+                        self.deadlines.holds(*armed, conn),
+                        "{conn:?}'s hello deadline"
+                    );
+                }
+                ConnState::Member(m) => {
+                    member_conns += 1;
+                    assert!(self.deadlines.holds(m.armed, conn), "{conn:?}'s deadline");
+                    assert!(!m.follows || self.listing, "a follower while not listing");
+                    assert!(m.watched.len() <= MAX_WATCHED);
+                    for id in &m.watched {
+                        let w = self.watchers.get(id);
+                        assert!(
+                            w.is_some_and(|w| w.contains(&conn)),
+                            "{conn:?} watches {id}"
+                        );
+                    }
+                    watch_pairs += m.watched.len();
+                }
+                ConnState::Client => {}
+            }
+        }
         assert_eq!(member_conns, self.members.len());
+        assert_eq!(self.conns.len, self.conns.iter().count());
+        let reverse: usize = self.watchers.values().map(BTreeSet::len).sum();
+        assert_eq!(reverse, watch_pairs, "watchers mirror the watch lists");
+        assert!(self.watchers.values().all(|w| !w.is_empty()));
+        for conn in self.departures.keys() {
+            assert!(matches!(self.conns.get(*conn), Some(ConnState::Member(_))));
+        }
         self.index.check_invariants();
         let (mut pairs, mut more, mut after) = (0, true, None);
         while more {
@@ -439,16 +585,24 @@ impl Registry {
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         log::info!("peer {id} joined, serving at {addr}");
+        let key = self.keys.get(&conn).copied().unwrap_or_default();
+        // Ids only grow, so the push cannot be refused.
+        self.members.push(id, Live { conn, addr, key });
+        let follows = self.listing && self.members.len() <= self.config.full_list_limit;
+        let armed = self
+            .deadlines
+            .arm(conn, now + self.config.peer_timeout, now);
         self.conns.insert(
             conn,
             ConnState::Member(Member {
                 id,
                 last_heard: now,
+                armed,
+                follows,
                 files: Vec::new(),
+                watched: Vec::new(),
             }),
         );
-        let key = self.keys.get(&conn).copied().unwrap_or_default();
-        self.members.insert(id, Live { conn, addr, key });
         self.send(
             conn,
             Message::Welcome {
@@ -457,22 +611,47 @@ impl Registry {
                 peer_timeout_ms: self.config.peer_timeout.as_millis() as u32,
             },
         );
-        // The join list, in pages sent back to back: no delta can come
-        // between them, so the link may assemble them before applying any.
-        let pages = match &self.join_list {
-            Some((pages, _)) => pages.clone(),
-            None => {
-                let pages = self.join_pages();
-                self.join_list = Some((pages.clone(), id));
-                pages
-            }
-        };
-        self.actions.push_back(Action::SendShared(conn, pages));
-        self.arm_sweep(now + self.config.peer_timeout);
+        if follows {
+            // The join list, in pages sent back to back: no delta can come
+            // between them, so the link may assemble them before applying any.
+            let pages = match &self.join_list {
+                Some((pages, _)) => pages.clone(),
+                None => {
+                    let pages = self.join_pages();
+                    self.join_list = Some((pages.clone(), id));
+                    pages
+                }
+            };
+            self.actions.push_back(Action::SendShared(conn, pages));
+        } else {
+            let total = count(self.members.len());
+            self.send(conn, Message::PeerCount { total });
+        }
         if self.next_ping.is_none() {
             self.next_ping = Some(now + self.config.heartbeat);
         }
         self.membership_changed(now);
+    }
+
+    /// Remembers the peers a `Holders` answer names to a member (the first
+    /// [`MAX_WATCHED`], the ones a download tries first), so it hears of
+    /// their departures on a network above the limit. O(answer · 256).
+    fn watch(&mut self, conn: ConnId, groups: &[HolderGroup]) {
+        let Some(m) = self.conns.member_mut(conn) else {
+            return; // a client gets no broadcasts
+        };
+        let named = groups.iter().flat_map(|g| &g.peers).map(|p| p.id);
+        for id in named.take(MAX_WATCHED) {
+            if id == m.id || m.watched.contains(&id) {
+                continue;
+            }
+            if m.watched.len() == MAX_WATCHED {
+                let old = m.watched.remove(0);
+                unwatch(&mut self.watchers, old, conn);
+            }
+            m.watched.push(id);
+            self.watchers.entry(id).or_default().insert(conn);
+        }
     }
 
     /// Replaces a member's shared set, after checking it against the limits:
@@ -482,7 +661,7 @@ impl Registry {
         if let Err(reason) = check_share(&mut files) {
             return self.refuse(conn, ErrorCode::Limit, reason, now);
         }
-        let Some(ConnState::Member(m)) = self.conns.get_mut(&conn) else {
+        let Some(m) = self.conns.member_mut(conn) else {
             return; // the caller matched a member
         };
         log::debug!("peer {} shares {} files", m.id, files.len());
@@ -509,24 +688,37 @@ impl Registry {
                 (None, None) => break,
             }
         }
-        m.files = files;
+        if let Some(m) = self.conns.member_mut(conn) {
+            m.files = files;
+        }
     }
 
     fn drop_conn(&mut self, conn: ConnId, reason: LeaveReason, now: Instant) {
         self.keys.remove(&conn);
-        if let Some(ConnState::Member(m)) = self.conns.remove(&conn) {
-            log::info!("peer {} left ({reason})", m.id);
-            self.members.remove(&m.id);
-            for f in &m.files {
-                self.index.remove(m.id, &f.name, f.root, f.size);
-            }
-            let named = self.join_list.as_ref().map_or(PeerId(0), |(_, upto)| *upto);
-            // Never broadcast and in no join list: nobody knows it.
-            if m.id <= self.announced_upto.max(named) {
-                self.pending_removed.push(m.id);
-            }
-            self.membership_changed(now);
+        let Some(ConnState::Member(m)) = self.conns.remove(conn) else {
+            return;
+        };
+        log::info!("peer {} left ({reason})", m.id);
+        self.members.remove(m.id);
+        for f in &m.files {
+            self.index.remove(m.id, &f.name, f.root, f.size);
         }
+        let named = self.join_list.as_ref().map_or(PeerId(0), |(_, upto)| *upto);
+        // Never broadcast and in no join list: nobody knows it.
+        if m.id <= self.announced_upto.max(named) {
+            self.pending_removed.push(m.id);
+        }
+        for id in &m.watched {
+            unwatch(&mut self.watchers, *id, conn);
+        }
+        self.departures.remove(&conn);
+        for watcher in self.watchers.remove(&m.id).unwrap_or_default() {
+            if let Some(w) = self.conns.member_mut(watcher) {
+                w.watched.retain(|id| *id != m.id);
+                self.departures.entry(watcher).or_default().push(m.id);
+            }
+        }
+        self.membership_changed(now);
     }
 
     /// The live set as `PeerList` pages, `more` on all but the last.
@@ -546,99 +738,205 @@ impl Registry {
         self.send(conn, Message::Error { code, reason });
         self.actions.push_back(Action::Close(conn));
         self.drop_conn(conn, LeaveReason::ProtocolError, now);
-        self.conns.remove(&conn);
+        self.conns.remove(conn);
     }
 
     fn membership_changed(&mut self, now: Instant) {
-        if self.broadcast_due.is_none() {
-            self.broadcast_due = Some(now + self.config.broadcast_delay);
-        }
+        // Earlier than a held-back count's window: a change goes out within
+        // the broadcast delay.
+        let due = now + self.config.broadcast_delay;
+        self.broadcast_due = Some(self.broadcast_due.map_or(due, |t| t.min(due)));
         if self.members.is_empty() {
             self.next_ping = None;
         }
     }
 
-    /// One delta per member for everything since the last broadcast, cut in
-    /// frames of at most [`PEER_PAGE`] ids per list. O(changes · members),
-    /// never a walk over the member set to find the changes.
-    fn broadcast(&mut self) {
+    /// What changed since the last broadcast, to everyone who should hear
+    /// it. At most the limit: one delta per following member, cut in frames
+    /// of at most [`PEER_PAGE`] ids per list (O(changes) to build, never a
+    /// walk over the member set to find them), and the whole set as one
+    /// delta to a member that does not follow (it joined above the limit,
+    /// or the network just came back down to it). Above the limit: one
+    /// `PeerCount` to every member if the count changed (at most once a
+    /// heartbeat; a change held back re-arms the window). Either way, each
+    /// watcher gets the departures of the peers it watched that its delta
+    /// does not already carry.
+    fn broadcast(&mut self, now: Instant) {
         self.broadcast_due = None;
-        let after = (Bound::Excluded(self.announced_upto), Bound::Unbounded);
-        let added = self.members.range(after).count();
-        let removed = std::mem::take(&mut self.pending_removed);
-        if added == 0 && removed.is_empty() {
-            return;
-        }
         self.join_list = None;
-        log::debug!(
-            "broadcast: +{added} -{} to {} peers",
-            removed.len(),
-            self.members.len()
-        );
-        // Pages straight from the member map: no list of all additions.
-        let mut joined = self.members.range(after).map(|(&id, l)| l.entry(id));
-        let frames = added.max(removed.len()).div_ceil(PEER_PAGE);
-        let deltas: Rc<[Message<'static>]> = (0..frames)
+        let removed = std::mem::take(&mut self.pending_removed);
+        let mut departures = std::mem::take(&mut self.departures);
+        let total = self.members.len();
+        let upto = std::mem::replace(&mut self.announced_upto, PeerId(self.next_peer_id - 1));
+        if total <= self.config.full_list_limit {
+            let added = self.members.after(upto).count();
+            let delta =
+                (added > 0 || !removed.is_empty()).then(|| self.delta_frames(upto, &removed));
+            let (mut followers, mut others) = (Vec::new(), Vec::new());
+            for (_, live) in self.members.iter() {
+                if let Some(ConnState::Member(m)) = self.conns.get(live.conn) {
+                    match m.follows {
+                        true => followers.push(live.conn),
+                        false => others.push(live.conn),
+                    }
+                }
+            }
+            log::debug!(
+                "broadcast: +{added} -{} to {} peers, the whole list to {}",
+                removed.len(),
+                followers.len(),
+                others.len()
+            );
+            if !self.listing {
+                log::info!(
+                    "{total} peers: at most {}, members follow the list again",
+                    self.config.full_list_limit
+                );
+            }
+            self.listing = true;
+            // A follower's delta already names the ids it removes.
+            if !removed.is_empty() && !departures.is_empty() {
+                let named: HashSet<PeerId> = removed.iter().copied().collect();
+                for (conn, ids) in departures.iter_mut() {
+                    if self.conns.get(*conn).is_some_and(follows) {
+                        ids.retain(|id| !named.contains(id));
+                    }
+                }
+            }
+            if let Some(delta) = delta.filter(|_| !followers.is_empty()) {
+                self.actions.push_back(Action::Broadcast(followers, delta));
+            }
+            if !others.is_empty() {
+                for conn in &others {
+                    if let Some(m) = self.conns.member_mut(*conn) {
+                        m.follows = true;
+                    }
+                }
+                let whole = self.delta_frames(PeerId(0), &[]);
+                self.actions.push_back(Action::Broadcast(others, whole));
+            }
+        } else {
+            let crossed = self.listing;
+            if crossed {
+                log::info!(
+                    "{total} peers: over {}, members get the count",
+                    self.config.full_list_limit
+                );
+                for conn in self.members.conns() {
+                    if let Some(m) = self.conns.member_mut(conn) {
+                        m.follows = false;
+                    }
+                }
+            }
+            self.listing = false;
+            let next_count = self.count_sent_at.map(|t| t + self.config.heartbeat);
+            let changed = count(total) != self.announced_count;
+            if crossed || (changed && next_count.is_none_or(|t| t <= now)) {
+                log::debug!("broadcast: {total} peers");
+                let frame: Rc<[Message<'static>]> = Rc::new([Message::PeerCount {
+                    total: count(total),
+                }]);
+                self.actions
+                    .push_back(Action::Broadcast(self.members.conns(), frame));
+                self.announced_count = count(total);
+                self.count_sent_at = Some(now);
+            } else if changed {
+                self.broadcast_due = next_count;
+            }
+        }
+        if total <= self.config.full_list_limit {
+            self.announced_count = count(total);
+            self.count_sent_at = None;
+        }
+        for (conn, removed) in departures {
+            if !removed.is_empty() {
+                let added = Vec::new();
+                self.send(conn, Message::PeerDelta { added, removed });
+            }
+        }
+    }
+
+    /// Members above `after` as additions and `removed` as removals, in
+    /// `PeerDelta` frames of at most [`PEER_PAGE`] ids per list (at least one).
+    fn delta_frames(&self, after: PeerId, removed: &[PeerId]) -> Rc<[Message<'static>]> {
+        let added = self.members.after(after).count();
+        let mut joined = self.members.after(after).map(|(id, l)| l.entry(id));
+        let frames = added.max(removed.len()).div_ceil(PEER_PAGE).max(1);
+        (0..frames)
             .map(|i| Message::PeerDelta {
                 added: joined.by_ref().take(PEER_PAGE).collect(),
-                removed: page_of(&removed, i).to_vec(),
+                removed: page_of(removed, i).to_vec(),
             })
-            .collect();
-        self.announced_upto = PeerId(self.next_peer_id - 1);
-        let conns = self.members.values().map(|l| l.conn).collect();
-        self.actions.push_back(Action::Broadcast(conns, deltas));
+            .collect()
     }
 
     fn ping_members(&mut self, now: Instant) {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
-        let conns = self.members.values().map(|l| l.conn).collect();
         let ping: Rc<[Message<'static>]> = Rc::new([Message::Ping { nonce }]);
-        self.actions.push_back(Action::Broadcast(conns, ping));
+        self.actions
+            .push_back(Action::Broadcast(self.members.conns(), ping));
         self.next_ping = (!self.members.is_empty()).then(|| now + self.config.heartbeat);
     }
 
+    /// Expires the connections whose deadline bucket is due: each entry is
+    /// checked against its connection's state (it may have closed, moved
+    /// to a later bucket, or been heard from since, then it is re-armed).
+    /// O(due entries), whatever the number of connections.
     fn sweep(&mut self, now: Instant) {
         let peer_timeout = self.config.peer_timeout;
         let hello_timeout = self.config.hello_timeout;
-        let expired: Vec<(ConnId, LeaveReason)> = self
-            .conns
-            .iter()
-            .filter_map(|(&conn, state)| match state {
-                ConnState::AwaitingHello { since } if *since + hello_timeout <= now => {
-                    Some((conn, LeaveReason::ProtocolError))
+        while let Some((slot, conns)) = self.deadlines.pop_due(now) {
+            for conn in conns {
+                let (deadline, reason) = match self.conns.get(conn) {
+                    Some(ConnState::AwaitingHello { since, armed }) if *armed == slot => {
+                        (*since + hello_timeout, LeaveReason::ProtocolError)
+                    }
+                    Some(ConnState::Member(m)) if m.armed == slot => {
+                        (m.last_heard + peer_timeout, LeaveReason::TimedOut)
+                    }
+                    _ => continue, // closed, a client now, or bucketed elsewhere
+                };
+                if deadline > now {
+                    let armed = self.deadlines.arm(conn, deadline, now);
+                    match self.conns.get_mut(conn) {
+                        Some(ConnState::AwaitingHello { armed: a, .. }) => *a = armed,
+                        Some(ConnState::Member(m)) => m.armed = armed,
+                        _ => {}
+                    }
+                    continue;
                 }
-                ConnState::Member(m) if m.last_heard + peer_timeout <= now => {
-                    Some((conn, LeaveReason::TimedOut))
+                if reason == LeaveReason::TimedOut {
+                    log::warn!("peer on connection {} silent for {peer_timeout:?}", conn.0);
                 }
-                _ => None,
-            })
-            .collect();
-        for (conn, reason) in expired {
-            if reason == LeaveReason::TimedOut {
-                log::warn!("peer on connection {} silent for {peer_timeout:?}", conn.0);
+                self.drop_conn(conn, reason, now);
+                self.conns.remove(conn);
+                self.actions.push_back(Action::Close(conn));
             }
-            self.drop_conn(conn, reason, now);
-            self.conns.remove(&conn);
-            self.actions.push_back(Action::Close(conn));
         }
-        self.next_sweep = self
-            .conns
-            .values()
-            .filter_map(|state| match state {
-                ConnState::AwaitingHello { since } => Some(*since + hello_timeout),
-                ConnState::Member(m) => Some(m.last_heard + peer_timeout),
-                ConnState::Client => None,
-            })
-            .min();
-    }
-
-    fn arm_sweep(&mut self, at: Instant) {
-        self.next_sweep = Some(self.next_sweep.map_or(at, |t| t.min(at)));
     }
 
     fn send(&mut self, conn: ConnId, msg: Message<'static>) {
         self.actions.push_back(Action::Send(conn, msg));
+    }
+}
+
+fn follows(state: &ConnState) -> bool {
+    matches!(state, ConnState::Member(m) if m.follows)
+}
+
+/// A member count as `PeerCount` carries it.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// `conn` no longer watches `id`.
+fn unwatch(watchers: &mut HashMap<PeerId, BTreeSet<ConnId>>, id: PeerId, conn: ConnId) {
+    if let Some(w) = watchers.get_mut(&id) {
+        w.remove(&conn);
+        if w.is_empty() {
+            watchers.remove(&id);
+        }
     }
 }
 
@@ -926,5 +1224,327 @@ mod tests {
             "{delta:?}"
         );
         check_invariants(&r);
+    }
+
+    fn with_limit(limit: usize) -> Registry {
+        Registry::new(RegistryConfig {
+            full_list_limit: limit,
+            ..RegistryConfig::default()
+        })
+    }
+
+    /// What each connection was sent, in order, broadcasts spread out
+    /// (pings left out).
+    fn sent(r: &mut Registry) -> BTreeMap<ConnId, Vec<Message<'static>>> {
+        let mut out: BTreeMap<ConnId, Vec<Message<'static>>> = BTreeMap::new();
+        for a in drain(r) {
+            match a {
+                Action::Send(c, m) => out.entry(c).or_default().push(m),
+                Action::SendShared(c, ms) => out.entry(c).or_default().extend(ms.iter().cloned()),
+                Action::Broadcast(cs, ms) => {
+                    for c in cs {
+                        out.entry(c).or_default().extend(ms.iter().cloned());
+                    }
+                }
+                Action::Close(_) => {}
+            }
+        }
+        for msgs in out.values_mut() {
+            msgs.retain(|m| !matches!(m, Message::Ping { .. }));
+        }
+        out.retain(|_, msgs| !msgs.is_empty());
+        out
+    }
+
+    fn window(r: &mut Registry, now: &mut Instant) -> BTreeMap<ConnId, Vec<Message<'static>>> {
+        *now += r.config.broadcast_delay;
+        r.handle_timeout(*now);
+        check_invariants(r);
+        sent(r)
+    }
+
+    fn is_count(m: &Message<'_>, n: u32) -> bool {
+        matches!(m, Message::PeerCount { total } if *total == n)
+    }
+
+    fn removed_of(msgs: &[Message<'_>]) -> Vec<PeerId> {
+        msgs.iter()
+            .flat_map(|m| match m {
+                Message::PeerDelta { removed, .. } => removed.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    fn ask_holders(r: &mut Registry, conn: usize, name: &str, now: Instant) -> Vec<PeerId> {
+        let remote: SocketAddr = ([10, 0, 0, conn as u8], 4000).into();
+        let name = FileName::new(name).unwrap();
+        r.handle_message(ConnId(conn), remote, Message::WhoHas { name }, now);
+        check_invariants(r);
+        let msgs = sent(r).remove(&ConnId(conn)).unwrap_or_default();
+        match &msgs[..] {
+            [Message::Holders { groups, .. }] => groups
+                .iter()
+                .flat_map(|g| g.peers.iter().map(|p| p.id))
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn at_the_limit_everyone_gets_lists_and_deltas() {
+        let mut now = Instant::now();
+        let mut r = with_limit(3);
+        for c in 1..=3 {
+            join(&mut r, c, now);
+        }
+        let got = sent(&mut r);
+        for c in 1..=3 {
+            let msgs = &got[&ConnId(c)];
+            assert!(matches!(msgs[2], Message::PeerList { .. }), "{c}: {msgs:?}");
+            assert!(
+                !msgs.iter().any(|m| is_count(m, 3)),
+                "{c}: no count at the limit"
+            );
+        }
+        let got = window(&mut r, &mut now);
+        assert!(
+            got.values()
+                .all(|m| matches!(&m[..], [Message::PeerDelta { .. }]))
+        );
+    }
+
+    #[test]
+    fn above_the_limit_a_joiner_gets_the_count_and_deltas_stop() {
+        let mut now = Instant::now();
+        let mut r = with_limit(2);
+        join(&mut r, 1, now);
+        join(&mut r, 2, now);
+        window(&mut r, &mut now);
+        join(&mut r, 3, now);
+        let got = sent(&mut r);
+        let third = &got[&ConnId(3)];
+        assert!(matches!(third[1], Message::Welcome { .. }));
+        assert!(is_count(&third[2], 3), "the count, not a list: {third:?}");
+        assert_eq!(third.len(), 3);
+        // Crossing up: everyone gets the count instead of the delta.
+        let got = window(&mut r, &mut now);
+        for c in 1..=3 {
+            assert!(
+                matches!(&got[&ConnId(c)][..], [m] if is_count(m, 3)),
+                "{c}: {got:?}"
+            );
+        }
+        // A leave nobody watched: the new count, no delta, and the count
+        // at most once a heartbeat.
+        r.handle_disconnected(ConnId(1), now);
+        join(&mut r, 4, now);
+        sent(&mut r);
+        join(&mut r, 5, now);
+        sent(&mut r);
+        assert!(window(&mut r, &mut now).is_empty(), "held to the heartbeat");
+        now += r.config.heartbeat;
+        let got = window(&mut r, &mut now);
+        for c in [2, 3, 4, 5] {
+            assert!(
+                matches!(&got[&ConnId(c)][..], [m] if is_count(m, 4)),
+                "{c}: {got:?}"
+            );
+        }
+        // The same count again (one in, one out): nothing at all.
+        r.handle_disconnected(ConnId(5), now);
+        join(&mut r, 6, now);
+        sent(&mut r);
+        assert!(window(&mut r, &mut now).is_empty());
+    }
+
+    #[test]
+    fn crossing_back_down_sends_the_whole_list_then_deltas() {
+        let mut now = Instant::now();
+        let mut r = with_limit(2);
+        for c in 1..=3 {
+            join(&mut r, c, now);
+        }
+        window(&mut r, &mut now);
+        r.handle_disconnected(ConnId(2), now);
+        let got = window(&mut r, &mut now);
+        for c in [1, 3] {
+            let msgs = &got[&ConnId(c)];
+            let [Message::PeerDelta { added, removed }] = &msgs[..] else {
+                panic!("{c}: {msgs:?}");
+            };
+            let ids: Vec<PeerId> = added.iter().map(|p| p.id).collect();
+            assert_eq!(ids, [PeerId(1), PeerId(3)], "the whole set as additions");
+            assert!(removed.is_empty());
+        }
+        // Following again: the next change is a plain delta.
+        join(&mut r, 4, now);
+        r.handle_disconnected(ConnId(4), now);
+        r.handle_disconnected(ConnId(3), now);
+        sent(&mut r);
+        let got = window(&mut r, &mut now);
+        assert!(
+            matches!(&got[&ConnId(1)][..], [Message::PeerDelta { added, removed }]
+                if added.is_empty() && removed == &[PeerId(3)]),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn above_the_limit_watchers_hear_of_departures_and_others_do_not() {
+        let mut now = Instant::now();
+        let mut r = with_limit(2);
+        for c in 1..=5 {
+            join(&mut r, c, now);
+        }
+        share(&mut r, 1, vec![entry("f", 1, 10)], now);
+        window(&mut r, &mut now);
+        let named = ask_holders(&mut r, 2, "f", now);
+        assert_eq!(named, [PeerId(1)]);
+        r.handle_disconnected(ConnId(1), now);
+        check_invariants(&r);
+        let got = window(&mut r, &mut now);
+        assert!(
+            matches!(&got[&ConnId(2)][..], [Message::PeerDelta { added, removed }]
+                if added.is_empty() && removed == &[PeerId(1)]),
+            "at once, in the next window: {got:?}"
+        );
+        for c in 3..=5 {
+            assert!(!got.contains_key(&ConnId(c)), "{c} never asked: {got:?}");
+        }
+        // The count follows within a heartbeat, to everyone.
+        now += r.config.heartbeat;
+        let got = window(&mut r, &mut now);
+        for c in 2..=5 {
+            assert!(
+                matches!(&got[&ConnId(c)][..], [m] if is_count(m, 4)),
+                "{got:?}"
+            );
+        }
+        // Told once: a second leave of nobody it watched says nothing.
+        r.handle_disconnected(ConnId(3), now);
+        let got = window(&mut r, &mut now);
+        assert!(!got.contains_key(&ConnId(2)), "{got:?}");
+    }
+
+    #[test]
+    fn a_watch_list_is_bounded_and_a_leaving_watcher_is_forgotten() {
+        let mut now = Instant::now();
+        let mut r = with_limit(2);
+        let n = MAX_WATCHED + 10;
+        for c in 1..=n {
+            join(&mut r, c, now);
+        }
+        // Each peer shares its own file; peer n asks about every one.
+        for c in 1..n {
+            share(&mut r, c, vec![entry(&format!("f{c}"), 1, 1)], now);
+        }
+        window(&mut r, &mut now);
+        for c in 1..n {
+            ask_holders(&mut r, n, &format!("f{c}"), now);
+        }
+        check_invariants(&r);
+        // The oldest are forgotten: peer 1's leave is not sent, peer n-1's is.
+        r.handle_disconnected(ConnId(1), now);
+        r.handle_disconnected(ConnId(n - 1), now);
+        let got = window(&mut r, &mut now);
+        assert_eq!(removed_of(&got[&ConnId(n)]), [PeerId(n as u64 - 1)]);
+        // The watcher leaves: nobody is left watching anything.
+        ask_holders(&mut r, n, &format!("f{}", n - 2), now);
+        r.handle_disconnected(ConnId(n), now);
+        check_invariants(&r);
+        assert!(r.watchers.is_empty());
+        r.handle_disconnected(ConnId(n - 2), now);
+        window(&mut r, &mut now);
+        check_invariants(&r);
+    }
+
+    #[test]
+    fn below_the_limit_a_watched_departure_is_not_sent_twice() {
+        let mut now = Instant::now();
+        let mut r = with_limit(10);
+        join(&mut r, 1, now);
+        join(&mut r, 2, now);
+        share(&mut r, 1, vec![entry("f", 1, 10)], now);
+        window(&mut r, &mut now);
+        ask_holders(&mut r, 2, "f", now);
+        r.handle_disconnected(ConnId(1), now);
+        let got = window(&mut r, &mut now);
+        assert_eq!(got[&ConnId(2)].len(), 1, "only the delta: {got:?}");
+        assert_eq!(removed_of(&got[&ConnId(2)]), [PeerId(1)]);
+    }
+
+    #[test]
+    fn a_client_asking_for_peers_above_the_limit_gets_the_count_first() {
+        let mut now = Instant::now();
+        let mut r = with_limit(2);
+        for c in 1..=3 {
+            join(&mut r, c, now);
+        }
+        window(&mut r, &mut now);
+        let remote: SocketAddr = ([10, 0, 0, 9], 4000).into();
+        let q = ConnId(9);
+        r.handle_connected(q, now);
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::ManagerClient,
+        };
+        r.handle_message(q, remote, hello, now);
+        sent(&mut r);
+        r.handle_message(q, remote, Message::ListPeers { after: PeerId(0) }, now);
+        let got = sent(&mut r);
+        assert!(
+            matches!(&got[&q][..], [c, Message::PeerList { peers, more: false }] if is_count(c, 3) && peers.len() == 3),
+            "{got:?}"
+        );
+        // A member gets the page alone (it has the count from broadcasts).
+        r.handle_message(
+            ConnId(1),
+            remote,
+            Message::ListPeers { after: PeerId(0) },
+            now,
+        );
+        let got = sent(&mut r);
+        assert!(matches!(&got[&ConnId(1)][..], [Message::PeerList { .. }]));
+    }
+
+    #[test]
+    fn silent_members_and_handshakes_expire_within_a_tick_of_their_deadline() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let cfg = *r.config();
+        let tick = cfg.heartbeat / 4;
+        join(&mut r, 1, t0);
+        join(&mut r, 2, t0);
+        r.handle_connected(ConnId(3), t0); // never says hello
+        drain(&mut r);
+        // Member 2 keeps talking; member 1 goes quiet.
+        let mut now = t0;
+        let end = t0 + cfg.hello_timeout + tick;
+        let mut gone: BTreeMap<ConnId, Instant> = BTreeMap::new();
+        while now < end {
+            now += Duration::from_millis(100);
+            let remote: SocketAddr = ([10, 0, 0, 2], 4000).into();
+            r.handle_message(ConnId(2), remote, Message::Pong { nonce: 1 }, now);
+            if r.poll_timeout().is_some_and(|t| t <= now) {
+                r.handle_timeout(now);
+            }
+            check_invariants(&r);
+            for a in drain(&mut r) {
+                if let Action::Close(c) = a {
+                    gone.insert(c, now);
+                }
+            }
+        }
+        let one = gone[&ConnId(1)];
+        assert!(one >= t0 + cfg.peer_timeout && one <= t0 + cfg.peer_timeout + tick);
+        let three = gone[&ConnId(3)];
+        assert!(three >= t0 + cfg.hello_timeout && three <= t0 + cfg.hello_timeout + tick);
+        assert!(
+            !gone.contains_key(&ConnId(2)),
+            "a live member is never swept"
+        );
+        // The wheel holds about one entry per timed connection, not one per frame.
+        assert!(r.deadlines.len() <= 2, "{}", r.deadlines.len());
     }
 }

@@ -83,11 +83,19 @@ pub enum LinkAction {
 pub enum LinkEvent {
     /// Registered (again) with this id.
     Registered(PeerId),
-    /// The peer list changed.
-    PeersChanged,
+    /// These peers left the network (a delta removed them, a new join list
+    /// lacks them, or, above the full-list limit, the manager said that a
+    /// peer a `Holders` answer named has left). May name peers already gone.
+    PeersLeft(Vec<PeerId>),
     Holders(FileName, Vec<HolderGroup>),
     Files(Vec<NetworkFile>),
     Peers(Vec<PeerEntry>),
+    /// On a network above the full-list limit: the first page of the peer
+    /// list, and how many peers there are in all.
+    PeerPage {
+        peers: Vec<PeerEntry>,
+        total: u32,
+    },
     /// A question could not be asked or answered: the manager is unreachable.
     QueryFailed(Query),
     /// The connection to the manager was lost, or could not be made;
@@ -112,7 +120,9 @@ pub enum LinkEvent {
 enum Pending {
     WhoHas(FileName),
     Files(Vec<NetworkFile>),
-    Peers(Vec<PeerEntry>),
+    /// The pages so far, and the total a `PeerCount` before the first one
+    /// gave (then only one page is asked for).
+    Peers(Vec<PeerEntry>, Option<u32>),
 }
 
 impl Pending {
@@ -120,7 +130,7 @@ impl Pending {
         match self {
             Pending::WhoHas(name) => Query::WhoHas(name),
             Pending::Files(_) => Query::ListFiles,
-            Pending::Peers(_) => Query::ListPeers,
+            Pending::Peers(..) => Query::ListPeers,
         }
     }
 }
@@ -190,6 +200,9 @@ pub struct ManagerLink {
     /// The join list's pages so far.
     join_pages: Vec<PeerEntry>,
     peers: BTreeMap<PeerId, SocketAddr>,
+    /// Set while the network is above the manager's full-list limit: how
+    /// many peers it has. Then `peers` is not kept (it is empty).
+    total: Option<u32>,
     shared: Vec<FileSummary>,
     /// Questions sent and not yet answered, in order (answers come in order;
     /// a paged answer's next request goes to the back).
@@ -220,6 +233,7 @@ impl ManagerLink {
             awaiting_join_list: false,
             join_pages: Vec::new(),
             peers: BTreeMap::new(),
+            total: None,
             shared: Vec::new(),
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
@@ -240,9 +254,16 @@ impl ManagerLink {
         matches!(self.state, State::Ready { .. })
     }
 
-    /// The live peers as last broadcast (ourselves included).
+    /// The live peers as last broadcast (ourselves included); empty on a
+    /// network above the full-list limit (see [`ManagerLink::peer_count`]).
     pub fn peers(&self) -> &BTreeMap<PeerId, SocketAddr> {
         &self.peers
+    }
+
+    /// How many peers the network has, while it is above the manager's
+    /// full-list limit (the link then follows the count, not the list).
+    pub fn peer_count(&self) -> Option<u32> {
+        self.total
     }
 
     /// Replaces the set of files we share; sent now if registered or
@@ -371,43 +392,82 @@ impl ManagerLink {
                 }
                 if !more {
                     self.awaiting_join_list = false;
+                    self.total = None;
                     let pages = std::mem::take(&mut self.join_pages);
+                    let old = std::mem::take(&mut self.peers);
                     self.peers = pages.into_iter().map(|p| (p.id, p.addr)).collect();
-                    self.event(LinkEvent::PeersChanged);
+                    let left: Vec<PeerId> = old
+                        .into_keys()
+                        .filter(|id| !self.peers.contains_key(id))
+                        .collect();
+                    if !left.is_empty() {
+                        self.event(LinkEvent::PeersLeft(left));
+                    }
+                }
+            }
+            (State::Ready { .. }, Message::PeerCount { total })
+                if self.mode != LinkMode::QueryOnly =>
+            {
+                // Above the limit: the count instead of the list (also in
+                // place of a join list).
+                if self.total.is_none() {
+                    log::info!("the network has {total} peers; following the count, not the list");
+                }
+                self.total = Some(total);
+                self.awaiting_join_list = false;
+                self.join_pages.clear();
+                self.peers.clear();
+            }
+            (State::Ready { .. }, Message::PeerCount { total }) if matches!(self.in_flight.front(), Some(Pending::Peers(got, None)) if got.is_empty()) => {
+                if let Some(Pending::Peers(_, t)) = self.in_flight.front_mut() {
+                    *t = Some(total);
                 }
             }
             (State::Ready { .. }, Message::PeerDelta { added, removed }) => {
-                for id in removed {
-                    self.peers.remove(&id);
+                if self.total.is_some() && !added.is_empty() {
+                    // Back at or under the limit: the whole set, as additions.
+                    log::info!("the network is small again; following the list");
+                    self.total = None;
                 }
-                for p in added {
-                    self.peers.insert(p.id, p.addr);
+                for id in &removed {
+                    self.peers.remove(id);
                 }
-                self.event(LinkEvent::PeersChanged);
+                if self.total.is_none() {
+                    for p in added {
+                        self.peers.insert(p.id, p.addr);
+                    }
+                }
+                if !removed.is_empty() {
+                    self.event(LinkEvent::PeersLeft(removed));
+                }
             }
             (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
             (State::Ready { .. }, Message::Pong { .. }) => {}
             (State::Ready { .. }, Message::PeerList { peers, more })
-                if matches!(self.in_flight.front(), Some(Pending::Peers(_))) =>
+                if matches!(self.in_flight.front(), Some(Pending::Peers(..))) =>
             {
-                let Some(Pending::Peers(mut got)) = self.in_flight.pop_front() else {
+                let Some(Pending::Peers(mut got, total)) = self.in_flight.pop_front() else {
                     return; // just matched
                 };
+                // A big network: one page and the count, not every page.
+                if let Some(total) = total.or(self.total) {
+                    return self.event(LinkEvent::PeerPage { peers, total });
+                }
                 let last = peers.last().map(|p| p.id);
                 got.extend(peers);
                 if got.len() > MAX_LISTED {
                     let what = "a peer list over the limit";
-                    return self.fail_paged(Pending::Peers(got), what, now);
+                    return self.fail_paged(Pending::Peers(got, None), what, now);
                 }
                 match (more, last) {
                     (false, _) => self.event(LinkEvent::Peers(got)),
                     (true, Some(after)) => {
                         self.send(Message::ListPeers { after });
-                        self.in_flight.push_back(Pending::Peers(got));
+                        self.in_flight.push_back(Pending::Peers(got, None));
                     }
                     (true, None) => {
                         let what = "an empty peer page with more";
-                        self.fail_paged(Pending::Peers(got), what, now);
+                        self.fail_paged(Pending::Peers(got, None), what, now);
                     }
                 }
             }
@@ -575,7 +635,7 @@ impl ManagerLink {
             ),
             Query::ListPeers => (
                 Message::ListPeers { after: PeerId(0) },
-                Pending::Peers(Vec::new()),
+                Pending::Peers(Vec::new(), None),
             ),
         };
         self.send(msg);
@@ -912,5 +972,106 @@ mod tests {
             "{actions:?}"
         );
         assert!(link.is_ready());
+    }
+
+    fn events(link: &mut ManagerLink) -> Vec<LinkEvent> {
+        std::iter::from_fn(|| link.poll_action())
+            .filter_map(|a| match a {
+                LinkAction::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn above_the_limit_the_link_follows_the_count_and_reports_departures() {
+        let now = Instant::now();
+        let mut link = ready(MEMBER, now);
+        let welcome = Message::Welcome {
+            peer_id: PeerId(7),
+            heartbeat_ms: 1000,
+            peer_timeout_ms: 3000,
+        };
+        link.handle_message(welcome, now);
+        link.handle_message(Message::PeerCount { total: 5000 }, now);
+        assert_eq!(link.peer_count(), Some(5000));
+        assert!(link.peers().is_empty());
+        drain(&mut link);
+        // A watched holder left: told at once, whatever the map holds.
+        let gone = Message::PeerDelta {
+            added: vec![],
+            removed: vec![PeerId(3)],
+        };
+        link.handle_message(gone, now);
+        assert_eq!(events(&mut link), [LinkEvent::PeersLeft(vec![PeerId(3)])]);
+        assert_eq!(link.peer_count(), Some(5000));
+        // Asked for peers: one page and the count, not every page.
+        link.ask(Query::ListPeers);
+        drain(&mut link);
+        let page = Message::PeerList {
+            peers: vec![entry(1), entry(2)],
+            more: true,
+        };
+        link.handle_message(page, now);
+        let actions = drain(&mut link);
+        assert!(
+            actions.contains(&LinkAction::Event(LinkEvent::PeerPage {
+                peers: vec![entry(1), entry(2)],
+                total: 5000
+            })),
+            "{actions:?}"
+        );
+        assert!(!actions.iter().any(|a| matches!(a, LinkAction::Send(_))));
+        // Back under the limit: the whole set as additions, then deltas.
+        let whole = Message::PeerDelta {
+            added: vec![entry(1), entry(7)],
+            removed: vec![],
+        };
+        link.handle_message(whole, now);
+        assert_eq!(link.peer_count(), None);
+        assert_eq!(link.peers().len(), 2);
+    }
+
+    #[test]
+    fn a_new_join_list_reports_the_peers_it_lacks_as_left() {
+        let now = Instant::now();
+        let mut link = ready(MEMBER, now);
+        let welcome = Message::Welcome {
+            peer_id: PeerId(1),
+            heartbeat_ms: 1000,
+            peer_timeout_ms: 3000,
+        };
+        for peers in [vec![entry(1), entry(2), entry(3)], vec![entry(1), entry(3)]] {
+            link.handle_message(welcome.clone(), now);
+            drain(&mut link);
+            link.handle_message(Message::PeerList { peers, more: false }, now);
+        }
+        assert_eq!(events(&mut link), [LinkEvent::PeersLeft(vec![PeerId(2)])]);
+    }
+
+    #[test]
+    fn a_query_told_the_count_stops_after_one_page() {
+        let now = Instant::now();
+        let mut link = ready(LinkMode::QueryOnly, now);
+        link.ask(Query::ListPeers);
+        drain(&mut link);
+        link.handle_message(Message::PeerCount { total: 19_900 }, now);
+        let page = Message::PeerList {
+            peers: vec![entry(1)],
+            more: true,
+        };
+        link.handle_message(page, now);
+        assert_eq!(
+            events(&mut link),
+            [LinkEvent::PeerPage {
+                peers: vec![entry(1)],
+                total: 19_900
+            }]
+        );
+        assert_eq!(
+            link.peer_count(),
+            None,
+            "a query does not follow the network"
+        );
     }
 }

@@ -36,6 +36,38 @@ pub fn peer_entries(peers: &[PeerEntry], me: Option<PeerId>) -> String {
     peer_map(&map, me)
 }
 
+/// One page of a big network's peers: "showing 256 of 19,900 peers",
+/// then the page as [`peer_entries`] lists it.
+pub fn peer_page(peers: &[PeerEntry], total: u32, me: Option<PeerId>) -> String {
+    let list = peer_entries(peers, me);
+    let body = list.split_once('\n').map_or("", |(_, rest)| rest);
+    format!(
+        "showing {} of {} peers\n{body}",
+        thousands(peers.len() as u64),
+        thousands(u64::from(total))
+    )
+}
+
+/// `peer peers --json` on a big network: [`peers_json`] with `"total"`.
+pub fn peer_page_json(peers: &[PeerEntry], total: u32) -> String {
+    let all = peers_json(peers);
+    let open = all.trim_end().trim_end_matches('}');
+    format!("{open},\"total\":{total}}}\n")
+}
+
+/// 19900 as "19,900".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
 pub fn peer_map(peers: &BTreeMap<PeerId, SocketAddr>, me: Option<PeerId>) -> String {
     let mut out = format!("{} live peers\n", peers.len());
     for (id, addr) in peers {
@@ -438,5 +470,26 @@ mod tests {
     fn control_characters_in_names_are_shown_escaped() {
         assert_eq!(name("a\u{1b}[2Jb\nc").to_string(), "a\\x1b[2Jb\\nc");
         assert_eq!(name("été 🐟.txt").to_string(), "été 🐟.txt");
+    }
+
+    #[test]
+    fn a_page_of_a_big_network_says_how_many_in_all() {
+        let peers = vec![PeerEntry {
+            id: PeerId(3),
+            addr: ([127, 0, 0, 1], 2).into(),
+            key: Default::default(),
+        }];
+        let text = peer_page(&peers, 19_900, None);
+        assert!(
+            text.starts_with("showing 1 of 19,900 peers\n  #3 "),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(
+            peer_page_json(&peers, 1_000_000),
+            "{\"peers\":[{\"id\":3,\"addr\":\"127.0.0.1:2\"}],\"total\":1000000}\n"
+        );
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
     }
 }

@@ -25,6 +25,11 @@ pub const QUERY_LIMIT: Duration = Duration::from_secs(4);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     Peers(Vec<PeerEntry>),
+    /// A network above the full-list limit: the first page, and the total.
+    PeerPage {
+        peers: Vec<PeerEntry>,
+        total: u32,
+    },
     Files(Vec<NetworkFile>),
 }
 
@@ -88,6 +93,9 @@ pub fn ask(manager: SocketAddr, query: Query, keys: Option<&Keys>) -> Result<Ans
                 }
                 LinkAction::Close => {}
                 LinkAction::Event(LinkEvent::Peers(peers)) => return Ok(Answer::Peers(peers)),
+                LinkAction::Event(LinkEvent::PeerPage { peers, total }) => {
+                    return Ok(Answer::PeerPage { peers, total });
+                }
                 LinkAction::Event(LinkEvent::Files(files)) => return Ok(Answer::Files(files)),
                 LinkAction::Event(LinkEvent::Lost { .. }) => {
                     return Err(closed.take().unwrap_or_else(|| silent(stage)));

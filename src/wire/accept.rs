@@ -184,6 +184,7 @@ pub const LINK: Accept = Accept::new(
         (kind::PEER_DELTA, LIST),
         (kind::HOLDERS, LIST),
         (kind::FILE_LIST, LIST),
+        (kind::PEER_COUNT, CONTROL),
         (kind::PING, CONTROL),
         (kind::PONG, CONTROL),
         (kind::ERROR, CONTROL),

@@ -34,6 +34,7 @@ pub mod kind {
     pub const LIST_FILES: u8 = 0x17;
     pub const FILE_LIST: u8 = 0x18;
     pub const LIST_PEERS: u8 = 0x19;
+    pub const PEER_COUNT: u8 = 0x1a;
     pub const GET_MANIFEST: u8 = 0x20;
     pub const MANIFEST: u8 = 0x21;
     pub const GET_CHUNK: u8 = 0x22;
@@ -139,6 +140,12 @@ pub enum Message<'a> {
     ListPeers {
         after: PeerId,
     },
+    /// Manager -> peer: how many live peers the network has. Above the
+    /// full-list threshold it replaces the join list and the deltas: the
+    /// member stops following the list (docs/PROTOCOL.md, section 5).
+    PeerCount {
+        total: u32,
+    },
 
     /// Peer -> peer: describe `name` (only the version `root`, if given).
     GetManifest {
@@ -216,6 +223,7 @@ pub fn kind_name(kind: u8) -> &'static str {
         kind::LIST_FILES => "list-files",
         kind::FILE_LIST => "file-list",
         kind::LIST_PEERS => "list-peers",
+        kind::PEER_COUNT => "peer-count",
         kind::GET_MANIFEST => "get-manifest",
         kind::MANIFEST => "manifest",
         kind::GET_CHUNK => "get-chunk",
@@ -249,6 +257,7 @@ pub fn max_body_len(kind: u8) -> Option<usize> {
         | kind::WHO_HAS
         | kind::LIST_FILES
         | kind::LIST_PEERS
+        | kind::PEER_COUNT
         | kind::GET_MANIFEST
         | kind::GET_CHUNK
         | kind::CANCEL
@@ -405,6 +414,7 @@ fn decode_body<'a>(kind: u8, c: &mut Cursor<'a>) -> Result<Message<'a>, DecodeEr
         kind::LIST_PEERS => Message::ListPeers {
             after: PeerId(c.u64()?),
         },
+        kind::PEER_COUNT => Message::PeerCount { total: c.u32()? },
         kind::GET_MANIFEST => {
             let name = read_name(c)?;
             let root = match c.u8()? {
@@ -637,6 +647,7 @@ fn message_kind(msg: &Message<'_>) -> u8 {
         Message::ListFiles { .. } => kind::LIST_FILES,
         Message::FileList { .. } => kind::FILE_LIST,
         Message::ListPeers { .. } => kind::LIST_PEERS,
+        Message::PeerCount { .. } => kind::PEER_COUNT,
         Message::GetManifest { .. } => kind::GET_MANIFEST,
         Message::Manifest { .. } => kind::MANIFEST,
         Message::GetChunk { .. } => kind::GET_CHUNK,
@@ -671,6 +682,7 @@ fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) {
             }
         },
         Message::ListPeers { after } => put_u64(out, after.0),
+        Message::PeerCount { total } => put_u32(out, *total),
         Message::Ping { nonce } | Message::Pong { nonce } => put_u64(out, *nonce),
         Message::Register {
             listen_port,

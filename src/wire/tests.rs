@@ -421,6 +421,13 @@ fn list_peers_cases() -> Vec<Case> {
     )]
 }
 
+fn peer_count_cases() -> Vec<Case> {
+    vec![(
+        Message::PeerCount { total: 19_900 },
+        vec![0, 0, 0, 5, 0x1a, 0, 0, 0x4d, 0xbc],
+    )]
+}
+
 fn get_manifest_cases() -> Vec<Case> {
     vec![
         (
@@ -607,6 +614,7 @@ fn all_cases() -> Vec<Case> {
         list_files_cases(),
         file_list_cases(),
         list_peers_cases(),
+        peer_count_cases(),
         get_manifest_cases(),
         manifest_cases(),
         get_chunk_cases(),
@@ -648,9 +656,10 @@ fn variant(msg: &Message<'_>) -> usize {
         Message::HaveMap { .. } => 21,
         Message::Have { .. } => 22,
         Message::NoChunk { .. } => 23,
+        Message::PeerCount { .. } => 24,
     }
 }
-const VARIANTS: usize = 24;
+const VARIANTS: usize = 25;
 
 macro_rules! golden_tests {
     ($($test:ident => $cases:ident,)*) => {
@@ -681,6 +690,7 @@ golden_tests! {
     golden_list_files => list_files_cases,
     golden_file_list => file_list_cases,
     golden_list_peers => list_peers_cases,
+    golden_peer_count => peer_count_cases,
     golden_get_manifest => get_manifest_cases,
     golden_manifest => manifest_cases,
     golden_get_chunk => get_chunk_cases,
@@ -753,7 +763,9 @@ fn oversize_is_refused_from_the_header_alone() {
 #[test]
 fn small_frames_have_small_limits() {
     // A control frame may not announce megabytes, even though chunks can.
-    for kind in [0x01, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11, 0x15, 0x17, 0x19] {
+    for kind in [
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11, 0x15, 0x17, 0x19, 0x1a,
+    ] {
         assert!(max_body_len(kind).unwrap() <= 4096, "kind 0x{kind:02x}");
     }
     assert_eq!(max_body_len(0x23), Some(4 + MAX_CHUNK_SIZE as usize));

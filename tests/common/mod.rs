@@ -167,7 +167,13 @@ impl Manager {
     }
 
     pub fn start_on(listen: &str, heartbeat: f64, peer_timeout: f64) -> Manager {
+        Manager::start_with(listen, heartbeat, peer_timeout, &[])
+    }
+
+    /// [`Manager::start_on`] with more flags (`--full-list-limit 2`, ...).
+    pub fn start_with(listen: &str, heartbeat: f64, peer_timeout: f64, extra: &[&str]) -> Manager {
         let mut cmd = Command::new(manager_bin());
+        cmd.args(extra);
         cmd.args([
             "--listen",
             listen,

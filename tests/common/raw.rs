@@ -34,6 +34,7 @@ pub mod kind {
     pub const LIST_FILES: u8 = 0x17;
     pub const FILE_LIST: u8 = 0x18;
     pub const LIST_PEERS: u8 = 0x19;
+    pub const PEER_COUNT: u8 = 0x1a;
     pub const GET_MANIFEST: u8 = 0x20;
     pub const MANIFEST: u8 = 0x21;
     pub const GET_CHUNK: u8 = 0x22;

@@ -120,6 +120,7 @@ pub fn from_manager() -> impl Strategy<Value = Message<'static>> {
         3 => (peers(), prop::collection::vec(peer_id(), 0..4))
             .prop_map(|(added, removed)| Message::PeerDelta { added, removed }),
         2 => any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+        1 => any::<u32>().prop_map(|total| Message::PeerCount { total }),
         1 => (
             name(),
             prop::collection::vec(
@@ -183,6 +184,7 @@ pub fn message() -> impl Strategy<Value = Message<'static>> {
         )
         .prop_flat_map(|files| any::<bool>().prop_map(move |more| Message::FileList { files: files.clone(), more })),
         1 => (0u64..8).prop_map(|id| Message::ListPeers { after: shoal::wire::PeerId(id) }),
+        1 => any::<u32>().prop_map(|total| Message::PeerCount { total }),
         3 => (name(), prop::option::of(root())).prop_map(|(name, root)| Message::GetManifest { name, root }),
         1 => (root(), any::<u64>(), chunk_size(), prop::collection::vec(any::<[u8; 32]>().prop_map(Hash), 0..4))
             .prop_map(|(root, size, chunk_size, hashes)| Message::Manifest { root, size, chunk_size, hashes }),

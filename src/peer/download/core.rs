@@ -364,13 +364,13 @@ impl Download {
         }
     }
 
-    /// The manager's peer list changed: sources it no longer lists left the
-    /// network (or were swept) and are dropped at once.
-    pub fn handle_peers_changed(&mut self, is_live: impl Fn(PeerId) -> bool, now: Instant) {
+    /// The manager says these peers left the network (or were swept): their
+    /// sources are dropped at once. Ids of peers we do not use are ignored.
+    pub fn handle_peers_left(&mut self, left: &[PeerId], now: Instant) {
         let gone: Vec<SourceId> = self
             .sources
             .iter()
-            .filter(|(_, s)| !is_live(s.peer))
+            .filter(|(_, s)| left.contains(&s.peer))
             .map(|(&id, _)| id)
             .collect();
         for id in gone {

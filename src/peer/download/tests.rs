@@ -429,9 +429,12 @@ impl<'a> Sim<'a> {
                 self.core.handle_holders(groups, None, None, now)
             }
             Event::PeersChanged => {
-                let vanished = self.vanished.clone();
-                self.core
-                    .handle_peers_changed(|p| !vanished[p.0 as usize - 1], now);
+                // The manager's delta names every holder that vanished.
+                let left: Vec<PeerId> = (0..self.vanished.len())
+                    .filter(|&k| self.vanished[k])
+                    .map(|k| PeerId(k as u64 + 1))
+                    .collect();
+                self.core.handle_peers_left(&left, now);
             }
             Event::Vanish(k) => {
                 self.vanished[k] = true;

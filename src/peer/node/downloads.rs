@@ -13,7 +13,7 @@ use crate::net::{CloseReason, Conn, ConnId, Flow, ReadEnd};
 use crate::peer::download::{Action, Download, DownloadConfig, DownloadOutcome};
 use crate::peer::progress::ProgressReport;
 use crate::store::PartialFile;
-use crate::wire::{FileName, HolderGroup, Message, accept};
+use crate::wire::{FileName, HolderGroup, Message, PeerId, accept};
 
 /// Bytes read per call on a source connection. Measured (1 GiB, one seeder,
 /// 32 KiB chunks, median of 7): 64 KiB 1380 MB/s, 256 KiB 1580, 512 KiB
@@ -511,16 +511,12 @@ impl Node {
         !jobs.is_empty()
     }
 
-    /// Sources the manager no longer lists are dropped by their downloads.
-    pub(super) fn handle_peers_changed(&mut self, now: Instant) {
-        if !self.link.is_ready() {
-            return;
-        }
+    /// Sources the manager says left are dropped by their downloads.
+    pub(super) fn handle_peers_left(&mut self, ids: &[PeerId], now: Instant) {
         let jobs: Vec<usize> = self.downloads.iter().map(|(k, _)| k).collect();
         for job in jobs {
             if let Some(j) = self.downloads.get_mut(job) {
-                let peers = self.link.peers();
-                j.core.handle_peers_changed(|p| peers.contains_key(&p), now);
+                j.core.handle_peers_left(ids, now);
             }
             self.apply_download_actions(job, now);
         }

@@ -120,10 +120,16 @@ impl Node {
 
     pub(super) fn handle_link_event(&mut self, event: LinkEvent, now: Instant) {
         match event {
-            LinkEvent::Registered(_) | LinkEvent::PeersChanged => self.handle_peers_changed(now),
+            LinkEvent::Registered(_) => {}
+            LinkEvent::PeersLeft(ids) => self.handle_peers_left(&ids, now),
             LinkEvent::Holders(name, groups) => self.handle_holders(name, groups, now),
             LinkEvent::Files(files) => self.say(&crate::peer::output::network_files(&files)),
             LinkEvent::Peers(peers) => self.say(&crate::peer::output::peer_entries(&peers, None)),
+            LinkEvent::PeerPage { peers, total } => self.say(&crate::peer::output::peer_page(
+                &peers,
+                total,
+                self.link.peer_id(),
+            )),
             LinkEvent::QueryFailed(query) => {
                 let for_download = match &query {
                     Query::WhoHas(name) => self.handle_holders_failed(name, now),

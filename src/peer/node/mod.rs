@@ -504,6 +504,12 @@ impl Node {
                 self.say(&text);
             }
             Command::RmPartial(target) => self.rm_partial(&target),
+            // Above the full-list limit the link keeps only the count: ask
+            // for a page.
+            Command::Peers if self.link.peer_count().is_some() => {
+                self.link.ask(Query::ListPeers);
+                self.apply_link_actions(now);
+            }
             Command::Peers => self.say(&super::output::peer_map(
                 self.link.peers(),
                 self.link.peer_id(),
