@@ -534,6 +534,9 @@ impl Download {
                 sched.handle_chunk_verified(source, index, now);
                 if let Some(s) = self.sources.get(&source) {
                     self.peers_used.insert(s.peer);
+                    // It serves again: a later Busy (a seeder rotating who it
+                    // serves) starts the wait from the shortest again.
+                    self.backoff.remove(&s.peer);
                 }
             }
             Err(e) => {

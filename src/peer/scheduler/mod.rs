@@ -128,6 +128,13 @@ impl fmt::Display for DropReason {
     }
 }
 
+/// Claimed chunks a partial source may refuse before it is dropped.
+const MAX_BROKEN_CLAIMS: u32 = 16;
+
+fn src_broken(src: Option<&Source>) -> bool {
+    src.is_some_and(|s| s.broken_claims > MAX_BROKEN_CLAIMS)
+}
+
 /// One instruction for the shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -348,9 +355,15 @@ impl Scheduler {
             has.set(index as usize, false);
             src.has_count -= 1;
             self.picker.change_holders(index, -1);
+            // It claimed the chunk (have-map or Have), then refused it: a
+            // peer that keeps doing so only wastes our round trips.
+            src.broken_claims += 1;
         }
         src.take(index);
         self.release(source, index);
+        if src_broken(self.sources.get(&source)) {
+            self.drop_source(source, DropReason::Lacking);
+        }
         self.fill(now);
     }
 

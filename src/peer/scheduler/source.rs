@@ -65,6 +65,8 @@ pub(super) struct Source {
     pub has_count: usize,
     /// Missing chunks it holds: what it could be asked for now.
     pub useful: usize,
+    /// Chunks it claimed to hold, then answered `NoChunk` for.
+    pub broken_claims: u32,
 }
 
 impl Source {
@@ -73,6 +75,7 @@ impl Source {
             has_count: has.as_ref().map_or(0, |h| h.count_ones(..)),
             has,
             useful: 0,
+            broken_claims: 0,
             inflight: Vec::new(),
             cancelled: BTreeSet::new(),
             last_arrival: None,

@@ -480,3 +480,97 @@ fn the_window_follows_the_best_latency_not_the_fixed_window() {
     let rate = stats.rate.expect("rate measured");
     assert!(rate > 500e6, "the source ran near its pace: {rate}");
 }
+
+fn bits(n: usize, ones: &[usize]) -> FixedBitSet {
+    let mut b = FixedBitSet::with_capacity(n);
+    for &i in ones {
+        b.insert(i);
+    }
+    b
+}
+
+#[test]
+fn a_partial_source_is_asked_only_for_what_it_holds_and_gets_more_as_it_says_have() {
+    let t = Instant::now();
+    let mut s = new_sched(10);
+    s.add_source_holding(A, Some(bits(10, &[3, 7])), t);
+    let acts = drain(&mut s);
+    let mut asked = requests_to(&acts, A);
+    asked.sort_unstable();
+    assert_eq!(asked, [3, 7]);
+    s.handle_have(A, 5, t);
+    assert_eq!(requests_to(&drain(&mut s), A), [5]);
+    // Nothing else: no endgame duplicates of its own requests, no guesses.
+    s.handle_have(A, 5, t);
+    assert!(drain(&mut s).is_empty());
+}
+
+#[test]
+fn the_chunk_only_one_source_has_is_fetched_first_from_a_complete_one() {
+    let t = Instant::now();
+    let config = SchedulerConfig {
+        max_inflight: 1,
+        min_inflight: 1,
+        initial_inflight: 1,
+        ..rate_only_config()
+    };
+    let mut s = Scheduler::new(vec![LEN; 4], &[], config);
+    // B and C (still downloading) hold 0, 1 and 2 between them; only the
+    // seeder A has chunk 3, so that is what A is asked for first.
+    s.add_source_holding(B, Some(bits(4, &[0, 1])), t);
+    s.add_source_holding(C, Some(bits(4, &[1, 2])), t);
+    let _ = drain(&mut s);
+    s.add_source(A, t);
+    assert_eq!(requests_to(&drain(&mut s), A), [3]);
+}
+
+#[test]
+fn no_chunk_sends_the_chunk_elsewhere_and_repeated_broken_claims_drop_the_source() {
+    let t = Instant::now();
+    let mut s = new_sched(40);
+    let all: Vec<usize> = (0..40).collect();
+    s.add_source_holding(A, Some(bits(40, &all)), t);
+    let asked = requests_to(&drain(&mut s), A);
+    let first = asked[0];
+    s.handle_no_chunk(A, first, t);
+    let acts = drain(&mut s);
+    assert!(
+        !requests_to(&acts, A).contains(&first),
+        "asked again for a chunk it refused: {acts:?}"
+    );
+    s.add_source(B, t);
+    let to_b = requests_to(&drain(&mut s), B);
+    assert!(
+        to_b.contains(&first),
+        "the refused chunk goes to B: {to_b:?}"
+    );
+    // A keeps refusing chunks it claimed: dropped, not banned (Lacking).
+    let mut dropped = false;
+    for _ in 0..40 {
+        let Some(index) = (0..40).find(|&i| s.sources.get(&A).is_some_and(|src| src.holds(i)))
+        else {
+            break;
+        };
+        s.handle_no_chunk(A, index, t);
+        dropped = drain(&mut s).iter().any(|a| {
+            matches!(a, Action::DropSource { source, reason: DropReason::Lacking } if *source == A)
+        });
+        if dropped {
+            break;
+        }
+    }
+    assert!(dropped, "a source refusing every chunk it claimed was kept");
+}
+
+#[test]
+fn a_complete_source_that_refuses_a_chunk_is_dropped() {
+    let t = Instant::now();
+    let mut s = new_sched(4);
+    s.add_source(A, t);
+    let first = requests_to(&drain(&mut s), A)[0];
+    s.handle_no_chunk(A, first, t);
+    assert!(drain(&mut s).contains(&Action::DropSource {
+        source: A,
+        reason: DropReason::Lacking
+    }));
+}
