@@ -27,6 +27,10 @@ pub trait Catalog {
     }
 }
 
+/// Queued requests looked at for a fresh one: bounds the cost per chunk
+/// whatever a client queues.
+pub const FRESH_SCAN: usize = 32;
+
 /// Limits of one serving connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeConfig {
@@ -196,6 +200,22 @@ impl ServeSession {
 
     pub fn pop_request(&mut self) -> Option<ChunkRequest> {
         self.queue.pop_front()
+    }
+
+    /// Where, among the first [`FRESH_SCAN`] queued requests, the first one
+    /// `fresh` accepts is (the shell serves chunks it has sent nobody yet
+    /// first: see `Node::serve_round`).
+    pub fn fresh_request(&self, fresh: impl Fn(&ChunkRequest) -> bool) -> Option<usize> {
+        self.queue.iter().take(FRESH_SCAN).position(fresh)
+    }
+
+    /// The queued request at `pos` (from [`Self::fresh_request`]).
+    pub fn request_at(&self, pos: usize) -> Option<&ChunkRequest> {
+        self.queue.get(pos)
+    }
+
+    pub fn take_request_at(&mut self, pos: usize) -> Option<ChunkRequest> {
+        self.queue.remove(pos)
     }
 
     pub fn queued(&self) -> usize {

@@ -198,6 +198,8 @@ pub struct Node {
     haves_due: Option<Instant>,
     /// Chunks served from files this peer was still downloading.
     partial_chunks_served: u64,
+    /// Which chunks were sent to anyone: fresh ones are served first.
+    sent_chunks: swarm::SentChunks,
 }
 
 impl Node {
@@ -275,6 +277,7 @@ impl Node {
             finished: None,
             haves_due: None,
             partial_chunks_served: 0,
+            sent_chunks: swarm::SentChunks::default(),
         };
         node.sweep_stale_partials();
         Ok(node)

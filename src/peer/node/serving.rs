@@ -236,7 +236,18 @@ impl Node {
     /// So the limit, and the sockets' own pace, are shared by bytes.
     pub(super) fn serve_round(&mut self, now: Instant) {
         while let Some(id) = self.fair.head() {
-            match self.serve_turn(id, now) {
+            // A chunk sent to nobody yet goes first, whoever asked for it
+            // (`SentChunks`); out of turn, so the round's shares stand.
+            if !self.has_fresh_request(id)
+                && let Some(other) = self.fresh_elsewhere()
+            {
+                match self.serve_turn(other, now, true) {
+                    Turn::Sent => continue,
+                    Turn::NoTokens => break,
+                    Turn::Over | Turn::Leave | Turn::Closed => {}
+                }
+            }
+            match self.serve_turn(id, now, false) {
                 Turn::Sent | Turn::Over | Turn::Closed => {}
                 Turn::Leave => {
                     self.fair.leave(id);
@@ -254,8 +265,29 @@ impl Node {
         }
     }
 
-    /// One step of the head's turn: one chunk sent, or why not.
-    fn serve_turn(&mut self, id: ConnId, now: Instant) -> Turn {
+    /// Whether `id` has a request for a chunk sent to nobody yet.
+    fn has_fresh_request(&self, id: ConnId) -> bool {
+        let sent = &self.sent_chunks;
+        matches!(self.conns.get(id.0), Some(PeerConn::Serving { session, .. })
+            if session.fresh_request(|r| sent.is_fresh(&r.root, r.index)).is_some())
+    }
+
+    /// A connection in the round, with room in its socket, that has a
+    /// request for a chunk sent to nobody yet.
+    fn fresh_elsewhere(&self) -> Option<ConnId> {
+        (0..self.fair.len())
+            .filter_map(|i| self.fair.at(i))
+            .find(|&id| {
+                let room = matches!(self.conns.get(id.0), Some(PeerConn::Serving { conn, manifest: None, .. })
+                    if conn.pending_write_bytes() < SEND_LOW_WATER);
+                room && !self.rotation.is_leaving(id) && self.has_fresh_request(id)
+            })
+    }
+
+    /// One step of `id`'s turn: one chunk sent, or why not. Its request for
+    /// a chunk sent to nobody yet goes before its others; `out_of_turn`
+    /// serves only such a request and charges no share of the round.
+    fn serve_turn(&mut self, id: ConnId, now: Instant, out_of_turn: bool) -> Turn {
         let Some(PeerConn::Serving {
             conn,
             session,
@@ -274,10 +306,17 @@ impl Node {
         {
             return Turn::Leave;
         }
-        let Some(req) = session.peek_request().copied() else {
+        let sent = &self.sent_chunks;
+        let fresh = session.fresh_request(|r| sent.is_fresh(&r.root, r.index));
+        let pos = match (fresh, out_of_turn) {
+            (Some(pos), _) => pos,
+            (None, false) => 0,
+            (None, true) => return Turn::Leave,
+        };
+        let Some(req) = session.request_at(pos).copied() else {
             return Turn::Leave;
         };
-        if !self.fair.fits(u64::from(req.len)) {
+        if !out_of_turn && !self.fair.fits(u64::from(req.len)) {
             return Turn::Over;
         }
         if let Some(bucket) = self.limiter.as_mut()
@@ -287,8 +326,11 @@ impl Node {
             self.limiter_wake = net::earliest(self.limiter_wake, Some(at));
             return Turn::NoTokens;
         }
-        let _ = session.pop_request();
-        self.fair.charge(u64::from(req.len));
+        let _ = session.take_request_at(pos);
+        if !out_of_turn {
+            self.fair.charge(u64::from(req.len));
+        }
+        self.sent_chunks.mark(&req.root, req.index);
         if !self.serve_one_request(id, req) {
             return Turn::Closed;
         }

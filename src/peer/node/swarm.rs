@@ -4,6 +4,7 @@
 //! verifies is announced with one `Have` to every client following it.
 //! The manager lists it as a holder from the moment its partial file is open.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,38 @@ use crate::wire::{FileName, FileSummary, Hash, MAX_HAVE_BATCH, Message};
 /// sends a `Have` per this much time (or per [`MAX_HAVE_BATCH`] chunks), not
 /// one per chunk.
 pub(super) const HAVE_DELAY: Duration = Duration::from_millis(100);
+
+/// Roots whose sent chunks are remembered at most; past it the memory
+/// starts afresh (it only orders requests, so forgetting is harmless).
+const SENT_ROOTS: usize = 64;
+
+/// Which chunks of each served file this peer has sent to anyone. A
+/// request for a chunk sent to nobody yet is served before the others,
+/// whoever asked: a seeder's upload then goes to chunks the swarm lacks
+/// while downloaders trade the rest among themselves. In a virtual-time
+/// swarm of 16 this took the last finish from 1.8-2.3 to 1.2-1.3 times
+/// the Kumar-Ross bound (and the seeder from two copies to 1.2).
+#[derive(Default)]
+pub(super) struct SentChunks {
+    roots: HashMap<Hash, FixedBitSet>,
+}
+
+impl SentChunks {
+    pub fn is_fresh(&self, root: &Hash, index: u32) -> bool {
+        self.roots
+            .get(root)
+            .is_none_or(|b| !b.contains(index as usize))
+    }
+
+    pub fn mark(&mut self, root: &Hash, index: u32) {
+        if !self.roots.contains_key(root) && self.roots.len() >= SENT_ROOTS {
+            self.roots.clear();
+        }
+        let bits = self.roots.entry(*root).or_default();
+        bits.grow(index as usize + 1);
+        bits.insert(index as usize);
+    }
+}
 
 /// What a peer serves: its shared folder, then its downloads in progress.
 pub(super) struct ServingCatalog<'a> {

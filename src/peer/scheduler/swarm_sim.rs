@@ -43,6 +43,10 @@ struct Peer {
     busy: bool,
     uploaded: u64,
     done_at: Option<u64>,
+    /// Chunks it has uploaded to anyone.
+    sent: FixedBitSet,
+    /// The requester it served last (the turns go on from there).
+    last_to: usize,
 }
 
 struct Swarm {
@@ -86,6 +90,8 @@ impl Swarm {
                 busy: false,
                 uploaded: 0,
                 done_at: None,
+                sent: FixedBitSet::with_capacity(chunks as usize),
+                last_to: 0,
             })
             .collect();
         Swarm {
@@ -252,9 +258,25 @@ impl Swarm {
         if self.peers[p].busy || !self.live(p) {
             return;
         }
-        let Some((to, index)) = self.peers[p].queue.pop_front() else {
+        // As the serving shell does: a chunk this peer has sent nobody yet
+        // first, whoever asked; else the requesters in turn, each one's
+        // oldest request.
+        let pos = {
+            let (q, sent) = (&self.peers[p].queue, &self.peers[p].sent);
+            let n = self.peers.len();
+            let last = self.peers[p].last_to;
+            let next = (1..=n)
+                .map(|k| (last + k) % n)
+                .find(|r| q.iter().any(|(to, _)| to == r));
+            q.iter()
+                .position(|(_, i)| !sent.contains(*i as usize))
+                .or_else(|| next.and_then(|r| q.iter().position(|(to, _)| *to == r)))
+        };
+        let Some((to, index)) = pos.and_then(|k| self.peers[p].queue.remove(k)) else {
             return;
         };
+        self.peers[p].sent.insert(index as usize);
+        self.peers[p].last_to = to;
         self.peers[p].busy = true;
         self.peers[p].uploaded += 1;
         let took = (f64::from(self.chunk_len) / self.rate * 1e9) as u64;
@@ -308,17 +330,17 @@ fn a_swarm_of_equal_peers_finishes_near_the_bound_and_trades_chunks() {
             / 1e9;
         let uploads: Vec<u64> = swarm.peers.iter().map(|p| p.uploaded).collect();
         eprintln!("seed {seed}: last done {last:.2}s, bound {bound:.2}s, uploads {uploads:?}");
-        // Measured 1.8-2.3 x: the seeder sends about two copies before every
-        // chunk has reached someone once (downloaders cannot see each other's
-        // requests, so the last fresh chunks are asked of it by many).
+        // Measured 1.2-1.35 x. Without serving fresh chunks first it was
+        // 1.8-2.3 x: the seeder sent about two copies before every chunk had
+        // reached someone once (downloaders cannot see each other's requests).
         assert!(
-            last <= 2.75 * bound,
+            last <= 1.5 * bound,
             "seed {seed}: last done at {last:.2}s, bound {bound:.2}s"
         );
         // The seeder served a little over one copy, not sixteen.
         let seeder = swarm.peers[0].uploaded;
         assert!(
-            seeder < 3 * u64::from(chunks),
+            seeder < 2 * u64::from(chunks),
             "seed {seed}: the seeder uploaded {seeder} chunks of {chunks}"
         );
     }
