@@ -5,5 +5,6 @@ pub mod allow;
 mod index;
 pub mod registry;
 pub mod server;
+pub mod stats;
 
 pub use registry::{Registry, RegistryConfig};

@@ -191,6 +191,8 @@ pub struct Download {
     actions: VecDeque<Action>,
     /// The latest `now` an input carried (scheduler actions carry none).
     last_now: Instant,
+    /// Chunks that failed their hash check (for metrics).
+    corrupt_chunks: u64,
 }
 
 impl Download {
@@ -226,6 +228,7 @@ impl Download {
             peers_used: HashSet::new(),
             actions: VecDeque::new(),
             last_now: now,
+            corrupt_chunks: 0,
         };
         match (local_root, d.request.hash) {
             (Some(local), Some(wanted)) => d.same_or_clash(local, wanted),
@@ -268,6 +271,11 @@ impl Download {
     }
 
     /// Whether `source` is still one of this download's sources.
+    /// Chunks so far that did not match their hash (`--metrics`).
+    pub fn corrupt_chunks(&self) -> u64 {
+        self.corrupt_chunks
+    }
+
     pub fn has_source(&self, source: SourceId) -> bool {
         self.sources.contains_key(&source)
     }
@@ -931,6 +939,7 @@ impl Download {
                         offset: manifest.chunk_offset(index),
                     });
                 }
+                self.corrupt_chunks += 1;
                 if let Some(s) = self.sources.get(&source) {
                     log::warn!("peer {} sent a corrupt chunk {index}; dropping it", s.peer);
                     self.banned.insert(s.peer);

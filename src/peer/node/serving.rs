@@ -209,7 +209,10 @@ impl Node {
                 break;
             };
             match self.open_files.get(&self.store, file) {
-                Ok(f) => conn.send_chunk_from_file(req.index, f, req.offset, req.len),
+                Ok(f) => {
+                    conn.send_chunk_from_file(req.index, f, req.offset, req.len);
+                    self.stats.bytes_served += req.len as u64;
+                }
                 Err(e) => {
                     failed = Some(format!("cannot open {}: {e}", file.name));
                     break;
