@@ -11,7 +11,9 @@
 //!
 //! Phases and what is reported:
 //! 1. burst: all N connect at once (or `--rate` per second). "joined": time until every peer got
-//!    its Welcome; "converged": until every peer's view holds all N.
+//!    its Welcome (or until none got in for 20 s: handshakes the manager's
+//!    accept queue dropped hang); "converged": until every peer that got
+//!    in holds every other that got in.
 //! 2. steady: 10 s of heartbeats; the manager's CPU share over it.
 //! 3. join, goodbye, crash, hang: one more peer joins, says goodbye; another
 //!    joins and its socket is closed without goodbye (a killed process);
@@ -126,10 +128,14 @@ struct Gen {
     scratch: Vec<u8>,
     burst: usize,
     joined: usize,
-    converged: usize,
     errors: usize,
+    /// Burst peers whose connection the manager closed (after or before
+    /// their welcome).
     closed: usize,
+    closed_unjoined: usize,
     bytes_in: u64,
+    /// When the latest burst peer was welcomed.
+    last_join: Instant,
 }
 
 fn main() -> ExitCode {
@@ -224,10 +230,11 @@ fn measure(
         scratch: vec![0; 256 << 10],
         burst: args.peers,
         joined: 0,
-        converged: 0,
         errors: 0,
         closed: 0,
+        closed_unjoined: 0,
         bytes_in: 0,
+        last_join: Instant::now(),
     };
     let n = args.peers;
     let cpu0 = cpu_secs(pid);
@@ -251,8 +258,14 @@ fn measure(
         }
     }
     let limit = Duration::from_secs(300);
-    g.run_until(limit, |g| g.joined + g.closed + g.errors >= n);
-    let joined_in = t0.elapsed();
+    // Done when everyone is in or gone, or when nobody got in for 20 s
+    // (connections the manager's accept queue dropped hang in the kernel).
+    g.run_until(limit, |g| {
+        g.joined + g.closed_unjoined + g.errors >= n
+            || g.last_join.elapsed() > Duration::from_secs(20)
+    });
+    let joined_in = g.last_join - t0;
+    let joined = g.joined;
     let mut join_times: Vec<f64> = g
         .sims
         .iter()
@@ -271,20 +284,28 @@ fn measure(
         q(0.99)
     );
     let cpu_joined = cpu_secs(pid) - cpu0;
-    g.run_until(Duration::from_secs(60), |g| {
-        g.converged
-            == g.sims
-                .iter()
-                .filter(|(_, s)| s.burst && s.id.is_some())
-                .count()
-    });
+    let converged = g.run_until(Duration::from_secs(60), Gen::converged);
     let converged_in = t0.elapsed();
+    let converged_text = if converged {
+        format!("{:.2} s", converged_in.as_secs_f64())
+    } else {
+        format!(
+            "never ({} of {} after {:.0} s)",
+            g.converged_count(),
+            g.joined,
+            converged_in.as_secs_f64()
+        )
+    };
     let cpu_converged = cpu_secs(pid) - cpu0;
+    let own_cpu = cpu_secs(std::process::id());
     println!(
-        "burst of {n}: joined {} in {:.2} s, converged in {:.2} s ({} errors, {} closed); manager CPU {:.2} s to join, {:.2} s to converge",
+        "burst of {n}: generator CPU {own_cpu:.2} s, {} connections closed on us",
+        g.closed
+    );
+    println!(
+        "burst of {n}: joined {} in {:.2} s, converged {converged_text} ({} errors, {} closed); manager CPU {:.2} s to join, {:.2} s to converge",
         g.joined,
         joined_in.as_secs_f64(),
-        converged_in.as_secs_f64(),
         g.errors,
         g.closed,
         cpu_joined,
@@ -333,17 +354,18 @@ fn measure(
         )
     };
     println!(
-        "manager: peak RSS {:.0} MiB; sent {:.1} MB of peer lists, {:.1} MB of deltas; loop turn max {:.3} s; generator read {:.1} MB",
+        "manager: peak RSS {:.0} MiB; sent {:.1} MB of peer lists, {:.1} MB of deltas; loop turn max {:.3} s; generator read {:.1} MB, its CPU {:.1} s",
         hwm as f64 / 1024.0,
         sent("peer-list") / 1e6,
         sent("peer-delta") / 1e6,
         metric(&page, "shoal_manager_loop_turn_max_seconds"),
-        g.bytes_in as f64 / 1e6
+        g.bytes_in as f64 / 1e6,
+        cpu_secs(std::process::id()),
     );
     println!(
-        "| {n} | {:.2} s | {:.2} s | {:.2} s | {:.0} MiB | {:.0} MB | {:.1} % | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
+        "| {n} | {joined} in {:.2} s | {converged_text} | {} | {:.2} s | {:.0} MiB | {:.0} MB | {:.1} % | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
         joined_in.as_secs_f64(),
-        converged_in.as_secs_f64(),
+        g.closed,
         cpu_joined,
         hwm as f64 / 1024.0,
         sent("peer-list") / 1e6,
@@ -434,7 +456,7 @@ impl Gen {
     }
 
     /// Runs the loop until `done` holds or `limit` passes.
-    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Gen) -> bool) {
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Gen) -> bool) -> bool {
         let start = Instant::now();
         let mut events = Events::with_capacity(4096);
         while !done(self) && start.elapsed() < limit {
@@ -456,6 +478,7 @@ impl Gen {
                 }
             }
         }
+        done(self)
     }
 
     fn flush(&mut self, key: usize) {
@@ -539,22 +562,20 @@ impl Gen {
     fn drop_sim(&mut self, key: usize) {
         if let Some(mut sim) = self.sims.try_remove(key) {
             let _ = self.poll.registry().deregister(&mut sim.stream);
-            if sim.burst && sim.count == self.burst && sim.id.is_some() {
-                self.converged -= 1;
-            }
             if sim.burst {
                 self.closed += 1;
+                if sim.id.is_none() {
+                    self.closed_unjoined += 1;
+                }
             }
         }
     }
 
     fn handle(&mut self, key: usize, msg: Message<'_>, now: Instant) {
         let watch = self.watch;
-        let full = self.burst;
         let Some(sim) = self.sims.get_mut(key) else {
             return;
         };
-        let was = sim.burst && sim.id.is_some() && sim.count == full;
         match msg {
             Message::Ping { nonce } => wire::encode(&Message::Pong { nonce }, &mut sim.wbuf),
             Message::Welcome { peer_id, .. } => {
@@ -562,6 +583,7 @@ impl Gen {
                 sim.joined_at = Some(now);
                 if sim.burst {
                     self.joined += 1;
+                    self.last_join = now;
                 }
             }
             Message::PeerList { peers, more } => {
@@ -598,12 +620,6 @@ impl Gen {
             Message::Error { reason, .. } => {
                 eprintln!("peer {key}: manager error: {reason}");
             }
-            _ => {}
-        }
-        let is = sim.burst && sim.id.is_some() && sim.count == full;
-        match (was, is) {
-            (false, true) => self.converged += 1,
-            (true, false) => self.converged -= 1,
             _ => {}
         }
     }
@@ -665,6 +681,29 @@ impl Gen {
             let _ = self.poll.registry().deregister(&mut sim.stream);
         }
         self.spread(start)
+    }
+
+    /// Every burst peer that is in holds every burst peer that is in.
+    fn converged(&self) -> bool {
+        let members = self.members();
+        self.sims
+            .iter()
+            .all(|(_, s)| !s.burst || s.id.is_none() || s.count == members)
+    }
+
+    fn members(&self) -> usize {
+        self.sims
+            .iter()
+            .filter(|(_, s)| s.burst && s.id.is_some())
+            .count()
+    }
+
+    fn converged_count(&self) -> usize {
+        let members = self.members();
+        self.sims
+            .iter()
+            .filter(|(_, s)| s.burst && s.id.is_some() && s.count == members)
+            .count()
     }
 
     fn reset_seen(&mut self) {
