@@ -74,7 +74,7 @@ impl Server {
     /// Binds the listening socket and sets up the loop.
     pub fn bind(config: ServerConfig) -> io::Result<Server> {
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(config.listen)?;
+        let mut listener = net::listen(config.listen)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = net::shutdown_signals()?;
