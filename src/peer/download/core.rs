@@ -270,12 +270,12 @@ impl Download {
         }
     }
 
-    /// Whether `source` is still one of this download's sources.
     /// Chunks so far that did not match their hash (`--metrics`).
     pub fn corrupt_chunks(&self) -> u64 {
         self.corrupt_chunks
     }
 
+    /// Whether `source` is still one of this download's sources.
     pub fn has_source(&self, source: SourceId) -> bool {
         self.sources.contains_key(&source)
     }
