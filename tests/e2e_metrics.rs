@@ -229,3 +229,49 @@ fn peer_metrics_count_a_download_and_its_bytes() {
         400
     );
 }
+
+#[test]
+fn a_holder_sending_corrupt_chunks_shows_as_hash_failures() {
+    use common::raw::{self, FakeMember, FakeServer, Manifest, Serve};
+    let manager = Manager::start(0.5, 3.0);
+    let src_dir = TempDir::new().unwrap();
+    let src = src_dir.path().join("c.bin");
+    write_pattern(&src, 1 << 20, 11);
+    let manifest = Manifest::of_file(&src);
+    // The only holder: a fake that answers every GetChunk with wrong bytes.
+    let liar = FakeServer::start(Serve::WrongChunks(manifest.clone()));
+    let _member = FakeMember::join(manager.addr, liar.addr.port(), &[manifest.entry("c.bin")]);
+    wait_for(WAIT, "the fake holder to be listed", || {
+        !raw::who_has_groups(manager.addr, "c.bin").is_empty()
+    });
+    let dl = TempDir::new().unwrap();
+    let mut getter = Peer::start(dl.path(), manager.addr, &["--metrics", "127.0.0.1:0"]);
+    let mut addr = None;
+    wait_for(WAIT, "the getter's metrics address", || {
+        addr = metrics_addr(&getter.proc.stderr.text());
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    let page = scrape(addr);
+    assert_eq!(
+        value(&page, "shoal_peer_hash_failures_total"),
+        Some(0.0),
+        "{page}"
+    );
+    getter.proc.send_line("get c.bin");
+    // Chunks already in flight from the liar may arrive before it is dropped.
+    let mut page = String::new();
+    wait_for(WAIT, "a hash failure to be counted", || {
+        page = scrape(addr);
+        value(&page, "shoal_peer_hash_failures_total").unwrap_or(0.0) >= 1.0
+    });
+    assert_eq!(
+        value(&page, "shoal_peer_downloads_done_total"),
+        Some(0.0),
+        "{page}"
+    );
+    assert!(
+        !page.contains("shoal_peer_fetched_bytes_total{"),
+        "no corrupt byte counts as fetched: {page}"
+    );
+}
