@@ -96,6 +96,7 @@ fn transfer(c: &mut Criterion) {
             max_conns: 4096,
             keys: None,
             allow: None,
+            metrics: None,
         })
         .expect("bind the manager");
         let _ = addr_tx.send(server.local_addr().expect("the manager's address"));

@@ -6,6 +6,7 @@
 //! - [`net`]: the mio plumbing shared by both binaries: buffered connections,
 //!   deadlines, stdin and signals as event sources.
 //! - [`manager`]: the membership registry (a pure core) and its event loop.
+//! - [`metrics`]: counters and the `--metrics` HTTP endpoint both binaries serve.
 //! - [`text`]: escaping untrusted names and reasons before anyone sees them.
 //! - [`peer`]: the peer's pure cores (manager link, serving, download
 //!   scheduler) and the event loop that drives them.
@@ -16,6 +17,7 @@
 pub mod cli;
 pub mod logging;
 pub mod manager;
+pub mod metrics;
 pub mod net;
 pub mod peer;
 pub mod store;

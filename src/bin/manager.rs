@@ -76,6 +76,14 @@ struct Args {
     /// the port may join, and nothing on the wire is sealed.
     #[arg(long, conflicts_with_all = ["key", "key_file"])]
     open: bool,
+
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (peers,
+    /// joins, leaves, timeouts, bytes by frame kind, loop turn times,
+    /// connections by state, RSS; see docs/METRICS.md). GET only, one
+    /// request per connection, at most 16 at once. Unauthenticated: bind
+    /// it to loopback or a private address.
+    #[arg(long, value_name = "ADDR", value_parser = shoal::cli::parse_addr)]
+    metrics: Option<SocketAddr>,
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -173,13 +181,17 @@ fn main() -> ExitCode {
             ..RegistryConfig::default()
         },
         max_conns: args.max_conns,
+        metrics: args.metrics,
     };
     let server = match Server::bind(config) {
         Ok(s) => s,
         Err(e) => {
+            let what = match args.metrics {
+                Some(m) => format!("{} (or --metrics {m})", args.listen),
+                None => args.listen.to_string(),
+            };
             eprintln!(
-                "manager: cannot listen on {}: {e} (is another manager running? pick another --listen)",
-                args.listen
+                "manager: cannot listen on {what}: {e} (is another manager running? pick another --listen)"
             );
             return ExitCode::from(1);
         }
@@ -187,6 +199,9 @@ fn main() -> ExitCode {
     match server.local_addr() {
         Ok(addr) => log::info!("manager listening on {addr}"),
         Err(e) => log::warn!("listening, but cannot read the local address: {e}"),
+    }
+    if let Some(Ok(addr)) = server.metrics_addr() {
+        log::info!("metrics at http://{addr}/metrics");
     }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,

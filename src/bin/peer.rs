@@ -102,6 +102,13 @@ struct Args {
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     rescan: u64,
 
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics
+    /// (downloads, bytes served and fetched per source, hash failures, RSS;
+    /// see docs/METRICS.md). GET only, one request per connection, at most
+    /// 16 at once. Unauthenticated: bind it to loopback or a private address.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    metrics: Option<SocketAddr>,
+
     /// More log output (-v debug, -vv trace). One-shot commands log only
     /// warnings and errors unless -v is given.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -278,6 +285,14 @@ fn run(args: Args) -> Result<(), Failure> {
         progress_bar: io::stderr().is_terminal() && args.log_file.is_none(),
     };
     let mut node = Node::new(config, mode).map_err(Failure::failed)?;
+    if let Some(addr) = args.metrics {
+        let bound = node.serve_metrics(addr).map_err(|e| {
+            Failure::failed(format!(
+                "cannot serve metrics on {addr}: {e} (pick another --metrics)"
+            ))
+        })?;
+        log::info!("metrics at http://{bound}/metrics");
+    }
     if json_summary {
         node.set_sink(Box::new(JsonSink));
     }

@@ -6,6 +6,7 @@ mod index;
 mod members;
 pub mod registry;
 pub mod server;
+pub mod stats;
 mod timers;
 
 pub use registry::{Registry, RegistryConfig};

@@ -14,6 +14,8 @@ use slab::Slab;
 
 use super::allow::AllowList;
 use super::registry::{Action, Registry, RegistryConfig};
+use super::stats::{ConnState, ManagerStats};
+use crate::metrics::http::MetricsServer;
 use crate::net::noise::Keys;
 use crate::net::{self, CloseReason, Conn, ConnId, Flow, ReadEnd, StdinLines};
 
@@ -37,6 +39,8 @@ pub struct ServerConfig {
     pub keys: Option<Keys>,
     /// Only peers whose key is listed here may join (`--allow FILE`).
     pub allow: Option<AllowList>,
+    /// Serve Prometheus metrics on this address (`--metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 pub struct Server {
@@ -57,6 +61,11 @@ pub struct Server {
     /// are accept time + the same timeout, so this is in order).
     handshakes: VecDeque<(Instant, ConnId)>,
     hangups: Option<signal_hook_mio::v1_0::Signals>,
+    /// The `--metrics` endpoint, if asked for.
+    metrics_http: Option<MetricsServer>,
+    stats: ManagerStats,
+    /// The registry's liveness sweep is what closes connections now.
+    sweeping: bool,
 }
 
 const HANGUP: Token = Token(usize::MAX - 4);
@@ -65,7 +74,7 @@ impl Server {
     /// Binds the listening socket and sets up the loop.
     pub fn bind(config: ServerConfig) -> io::Result<Server> {
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(config.listen)?;
+        let mut listener = net::listen(config.listen)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = net::shutdown_signals()?;
@@ -79,6 +88,10 @@ impl Server {
                     .register(&mut hup, HANGUP, Interest::READABLE)?;
                 Some(hup)
             }
+            None => None,
+        };
+        let metrics_http = match config.metrics {
+            Some(addr) => Some(MetricsServer::bind(addr, poll.registry())?),
             None => None,
         };
         Ok(Server {
@@ -96,11 +109,19 @@ impl Server {
             allow: config.allow,
             handshakes: VecDeque::new(),
             hangups,
+            metrics_http,
+            stats: ManagerStats::new(),
+            sweeping: false,
         })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `--metrics` listens, if it was asked for.
+    pub fn metrics_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.metrics_http.as_ref().map(|m| m.local_addr())
     }
 
     /// Runs until `close`, SIGINT or SIGTERM.
@@ -116,6 +137,10 @@ impl Server {
                 self.handshakes.front().map(|&(t, _)| t),
             );
             let deadline = net::earliest(deadline, self.acceptor.retry_at(now));
+            let deadline = net::earliest(
+                deadline,
+                self.metrics_http.as_ref().and_then(|m| m.poll_timeout()),
+            );
             let timeout = if self.revisit.is_empty() {
                 net::timeout_until(deadline, now)
             } else {
@@ -156,6 +181,14 @@ impl Server {
                             allow.reload();
                         }
                     }
+                    token if MetricsServer::owns(token) => {
+                        if let Some(http) = &mut self.metrics_http {
+                            let (stats, conns) = (&self.stats, &self.conns);
+                            http.handle_event(token, self.poll.registry(), now, || {
+                                render_metrics(stats, conns)
+                            });
+                        }
+                    }
                     Token(key) => {
                         let conn = ConnId(key);
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -169,7 +202,15 @@ impl Server {
             }
             self.expire_handshakes(now);
             self.registry.handle_timeout(now);
+            // What the core closes now, its sweep closes: a member
+            // here timed out (every handler above applied its own actions).
+            self.sweeping = true;
             self.apply_actions(now);
+            self.sweeping = false;
+            if let Some(http) = &mut self.metrics_http {
+                http.handle_timeout(self.poll.registry(), now);
+            }
+            self.stats.handle_turn(now.elapsed());
         }
         log::info!("manager stopped ({} connections closed)", self.conns.len());
         for (_, conn) in self.conns.iter_mut() {
@@ -190,6 +231,7 @@ impl Server {
                 continue;
             }
             conn.set_accept(crate::wire::accept::MANAGER_BEFORE_HELLO);
+            conn.set_frame_stats(self.stats.frames.clone());
             if let Some(keys) = &self.keys {
                 conn.seal(keys, false, now);
                 self.handshakes
@@ -307,6 +349,9 @@ impl Server {
             match action {
                 Action::Send(id, msg) => {
                     if let Some(conn) = self.conns.get_mut(id.0) {
+                        if let crate::wire::Message::Welcome { .. } = msg {
+                            self.stats.handle_welcome(id);
+                        }
                         conn.send(&msg);
                         touched.push(id);
                     }
@@ -341,6 +386,7 @@ impl Server {
 
     fn close(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.try_remove(id.0) {
+            self.stats.handle_closed(id, self.sweeping);
             conn.close(self.poll.registry());
         }
     }
@@ -381,4 +427,17 @@ impl Server {
         };
         let _ = out.flush();
     }
+}
+
+/// The `--metrics` page: the counters, and each open connection's state.
+fn render_metrics(stats: &ManagerStats, conns: &Slab<Conn>) -> String {
+    stats.render(conns.iter().map(|(key, conn)| {
+        if conn.handshake_deadline().is_some() {
+            ConnState::Handshake
+        } else if stats.is_member(ConnId(key)) {
+            ConnState::Member
+        } else {
+            ConnState::Other
+        }
+    }))
 }

@@ -18,6 +18,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::noise::{self, Handshake, HandshakeError, Keys, Step, Transport};
+use crate::metrics::FrameStats;
 use crate::wire::{self, Accept, DecodeError, ErrorCode, HEADER_LEN, Message, PeerKey};
 
 /// A sealed connection's handshake must be done within this, or it is closed.
@@ -147,6 +148,8 @@ pub struct Conn {
     hold_reads: bool,
     /// Set on a sealed connection (a network key is in use).
     sealed: Option<Box<Sealed>>,
+    /// Where frame bytes are counted by kind (`--metrics`), if anywhere.
+    stats: Option<Rc<FrameStats>>,
 }
 
 /// A sealed connection's state: the socket carries Noise messages, the
@@ -192,7 +195,14 @@ impl Conn {
             reads_held: false,
             hold_reads: false,
             sealed: None,
+            stats: None,
         }
+    }
+
+    /// Counts every frame decoded or queued on this connection into
+    /// `stats`, by kind (one add per frame).
+    pub fn set_frame_stats(&mut self, stats: Rc<FrameStats>) {
+        self.stats = Some(stats);
     }
 
     /// Makes this a sealed connection: a Noise handshake keyed by `keys`
@@ -314,6 +324,11 @@ impl Conn {
                     return ReadEnd::Closed(CloseReason::BadFrame(e));
                 }
             };
+            if let Some(stats) = &self.stats
+                && let Some(&kind) = self.read_buf.get(self.read_start + 4)
+            {
+                stats.add_in(kind, used);
+            }
             let flow = on_frame(msg);
             self.consume(used);
             match flow {
@@ -637,13 +652,35 @@ impl Conn {
 
     /// Queues one frame for sending.
     pub fn send(&mut self, msg: &Message<'_>) {
+        let before = self.queued().len();
         wire::encode(msg, self.out_buf());
+        self.count_out(before);
     }
 
     /// Queues one frame that `encode` appends to the write buffer itself
     /// (a manifest encoded straight from borrowed hashes).
     pub fn send_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let before = self.queued().len();
         encode(self.out_buf());
+        self.count_out(before);
+    }
+
+    /// What [`Conn::out_buf`] holds.
+    fn queued(&self) -> &[u8] {
+        match self.sealed.as_deref() {
+            Some(s) => &s.plain_out,
+            None => &self.write_buf,
+        }
+    }
+
+    /// Counts the frame queued at `before` in the frame stats, if any.
+    fn count_out(&self, before: usize) {
+        if let Some(stats) = &self.stats {
+            let queued = self.queued();
+            if let Some(&kind) = queued.get(before + 4) {
+                stats.add_out(kind, queued.len() - before);
+            }
+        }
     }
 
     /// Queues a chunk frame whose payload is sent from `file` by the kernel
@@ -652,6 +689,9 @@ impl Conn {
     /// On a sealed connection the payload is read into the plaintext
     /// buffer (reused, so no allocation per chunk) and sealed with it.
     pub fn send_chunk_from_file(&mut self, index: u32, file: Rc<File>, offset: u64, len: u32) {
+        if let Some(stats) = &self.stats {
+            stats.add_out(wire::kind::CHUNK, HEADER_LEN + 4 + len as usize);
+        }
         if let Some(sealed) = self.sealed.as_deref_mut() {
             let out = &mut sealed.plain_out;
             wire::encode_chunk_header(index, len, out);

@@ -19,6 +19,36 @@ pub struct ConnId(pub usize);
 /// turn; the connection is revisited on the next turn.
 pub const READ_BUDGET: usize = 4 << 20;
 
+/// Connections the kernel may hold completed but not yet accepted. mio's
+/// `TcpListener::bind` asks for 128, like std: a burst of thousands of
+/// peers connecting at once then overflows the queue while one loop turn
+/// runs, and every dropped handshake waits for TCP's retransmits (1 s,
+/// 3 s, 7 s, 15 s...), or hangs half-open until the client times out. The
+/// kernel caps this at `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 65535;
+
+/// A nonblocking listener on `addr` with [`LISTEN_BACKLOG`] (otherwise
+/// as mio's `TcpListener::bind`: `SO_REUSEADDR`, close-on-exec).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<mio::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = match addr {
+        std::net::SocketAddr::V4(_) => AddressFamily::INET,
+        std::net::SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, LISTEN_BACKLOG)?;
+    Ok(mio::net::TcpListener::from_std(
+        std::net::TcpListener::from(fd),
+    ))
+}
+
 /// Accepting connections without ever wedging: a spare descriptor is kept
 /// so that, when the process is out of descriptors (EMFILE), the waiting
 /// connection can still be accepted, told `Busy` and closed, rather than

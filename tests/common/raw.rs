@@ -638,6 +638,10 @@ pub enum Serve {
     /// Hello, answers GetManifest with this manifest and GetHaveMap with
     /// "complete", reads and ignores every GetChunk.
     ManifestNoChunks(Manifest),
+    /// Hello, answers GetManifest with this manifest, GetHaveMap with
+    /// "complete" and every GetChunk with a chunk of the right length whose
+    /// bytes are all 0xAA.
+    WrongChunks(Manifest),
 }
 
 /// A serving peer the test controls: a listener on loopback whose accepted
@@ -686,11 +690,12 @@ fn serve_one(mut c: RawConn, behaviour: Serve, stop: Arc<AtomicBool>) {
             thread::sleep(tick);
         }
     };
+    let wrong_chunks = matches!(behaviour, Serve::WrongChunks(_));
     let (manifest, deaf) = match behaviour {
         Serve::Silent => return idle(&stop),
         Serve::HelloOnly => (None, false),
         Serve::ManifestThenDeaf(m) => (Some(m), true),
-        Serve::ManifestNoChunks(m) => (Some(m), false),
+        Serve::ManifestNoChunks(m) | Serve::WrongChunks(m) => (Some(m), false),
     };
     if c.send(&hello(role::PEER)).is_err() {
         return;
@@ -708,6 +713,14 @@ fn serve_one(mut c: RawConn, behaviour: Serve, stop: Arc<AtomicBool>) {
             Ok(Some(f)) if f.kind == kind::GET_HAVE_MAP => {
                 if let Some(m) = &manifest {
                     let _ = c.send(&have_map_complete(&m.root, m.hashes.len() as u32));
+                }
+            }
+            Ok(Some(f)) if f.kind == kind::GET_CHUNK && wrong_chunks && f.body.len() == 36 => {
+                if let Some(m) = &manifest {
+                    let index = u32::from_be_bytes(f.body[32..36].try_into().unwrap());
+                    let at = u64::from(index) * u64::from(m.chunk_size);
+                    let len = m.size.saturating_sub(at).min(u64::from(m.chunk_size));
+                    let _ = c.send(&chunk(index, &vec![0xAA; len as usize]));
                 }
             }
             Ok(Some(_)) => {}

@@ -198,6 +198,8 @@ pub struct Download {
     actions: VecDeque<Action>,
     /// The latest `now` an input carried (scheduler actions carry none).
     last_now: Instant,
+    /// Chunks that failed their hash check (for metrics).
+    corrupt_chunks: u64,
 }
 
 impl Download {
@@ -233,6 +235,7 @@ impl Download {
             peers_used: HashSet::new(),
             actions: VecDeque::new(),
             last_now: now,
+            corrupt_chunks: 0,
         };
         match (local_root, d.request.hash) {
             (Some(local), Some(wanted)) => d.same_or_clash(local, wanted),
@@ -272,6 +275,11 @@ impl Download {
             size: self.manifest.as_ref().map(|m| m.size),
             sources: self.sources.len(),
         }
+    }
+
+    /// Chunks so far that did not match their hash (`--metrics`).
+    pub fn corrupt_chunks(&self) -> u64 {
+        self.corrupt_chunks
     }
 
     /// Whether `source` is still one of this download's sources.
@@ -1026,6 +1034,7 @@ impl Download {
                         offset: manifest.chunk_offset(index),
                     });
                 }
+                self.corrupt_chunks += 1;
                 if let Some(s) = self.sources.get(&source) {
                     log::warn!("peer {} sent a corrupt chunk {index}; dropping it", s.peer);
                     self.banned.insert(s.peer);

@@ -268,6 +268,12 @@ impl Node {
             return;
         };
         j.save_progress();
+        self.stats.hash_failures_ended += j.core.corrupt_chunks();
+        match &outcome {
+            DownloadOutcome::Done(_) => self.stats.downloads_done += 1,
+            DownloadOutcome::Failed(_) => self.stats.downloads_failed += 1,
+            _ => {}
+        }
         for (_, id) in std::mem::take(&mut j.conns) {
             if let Some(pc) = self.conns.try_remove(id.0) {
                 pc.into_conn().close(self.poll.registry());
@@ -338,6 +344,8 @@ impl Node {
         let Some(j) = self.downloads.get_mut(job) else {
             return;
         };
+        let from = conn.peer_addr();
+        let stats = &mut self.stats;
         let end = conn.read_frames(|msg| {
             let payload = match &msg {
                 Message::Chunk { data, .. } => *data,
@@ -350,6 +358,7 @@ impl Node {
                 };
                 if stored.is_ok() {
                     j.unannounced.push(chunk.index);
+                    stats.fetched.add(from, payload.len() as u64);
                 }
                 j.core.handle_chunk_stored(source, chunk.index, stored, now);
             }

@@ -11,6 +11,7 @@ mod manager_conn;
 mod partials;
 mod serving;
 mod sink;
+mod stats;
 mod swarm;
 
 pub use sink::{JsonSink, Report, Sink, StdoutSink};
@@ -32,6 +33,7 @@ use super::link::{LinkConfig, LinkMode, ManagerLink, Query};
 use super::ratelimit::TokenBucket;
 use super::scheduler::SourceId;
 use super::serve::ServeSession;
+use crate::metrics::http::MetricsServer;
 use crate::net::{self, Conn, ConnId, StdinLines};
 use crate::store::SharedFolder;
 use crate::wire;
@@ -200,6 +202,9 @@ pub struct Node {
     partial_chunks_served: u64,
     /// Which chunks were sent to anyone: fresh ones are served first.
     sent_chunks: swarm::SentChunks,
+    /// The `--metrics` endpoint, once [`Node::serve_metrics`] bound it.
+    metrics_http: Option<MetricsServer>,
+    pub(super) stats: stats::PeerStats,
 }
 
 impl Node {
@@ -278,6 +283,8 @@ impl Node {
             haves_due: None,
             partial_chunks_served: 0,
             sent_chunks: swarm::SentChunks::default(),
+            metrics_http: None,
+            stats: stats::PeerStats::default(),
         };
         node.sweep_stale_partials();
         Ok(node)
@@ -286,6 +293,15 @@ impl Node {
     /// Sends command output and download reports to `sink` instead of stdout.
     pub fn set_sink(&mut self, sink: Box<dyn Sink>) {
         self.sink = sink;
+    }
+
+    /// Serves Prometheus metrics at `http://addr/metrics` on this loop
+    /// (`--metrics`); returns the bound address.
+    pub fn serve_metrics(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        let http = MetricsServer::bind(addr, self.poll.registry())?;
+        let bound = http.local_addr()?;
+        self.metrics_http = Some(http);
+        Ok(bound)
     }
 
     /// The address other peers reach us at (for tests and logs).
@@ -371,6 +387,15 @@ impl Node {
                     self.finish(outcome);
                 }
             }
+            token if MetricsServer::owns(token) => {
+                if let Some(http) = &mut self.metrics_http {
+                    let (stats, downloads) = (&self.stats, &self.downloads);
+                    http.handle_event(token, self.poll.registry(), now, || {
+                        let corrupt = downloads.iter().map(|(_, j)| j.core.corrupt_chunks());
+                        stats.render(downloads.len(), corrupt.sum())
+                    });
+                }
+            }
             Token(key) => {
                 // Fresh per connection: one turn may read many chunks, and
                 // the scheduler's rate and latency samples need their times.
@@ -392,6 +417,9 @@ impl Node {
         deadline = net::earliest(deadline, self.limiter_wake);
         deadline = net::earliest(deadline, self.haves_due);
         deadline = net::earliest(deadline, self.rotation.poll_timeout());
+        if let Some(http) = &self.metrics_http {
+            deadline = net::earliest(deadline, http.poll_timeout());
+        }
         if !self.downloads.is_empty() {
             deadline = net::earliest(deadline, Some(self.next_progress));
         }
@@ -408,6 +436,9 @@ impl Node {
     }
 
     fn handle_timers(&mut self, now: Instant) {
+        if let Some(http) = &mut self.metrics_http {
+            http.handle_timeout(self.poll.registry(), now);
+        }
         self.link.handle_timeout(now);
         self.apply_link_actions(now);
         if self.haves_due.is_some_and(|t| t <= now) {

@@ -360,6 +360,7 @@ impl Node {
             // A download in progress: the session checked the chunk is verified.
             conn.send_chunk_from_file(req.index, file, req.offset, req.len);
             self.partial_chunks_served += 1;
+            self.stats.bytes_served += u64::from(req.len);
             return true;
         }
         let why = match self.store.by_root(&req.root) {
@@ -367,6 +368,7 @@ impl Node {
             Some(file) => match self.open_files.get(&self.store, file) {
                 Ok(f) => {
                     conn.send_chunk_from_file(req.index, f, req.offset, req.len);
+                    self.stats.bytes_served += u64::from(req.len);
                     return true;
                 }
                 Err(e) => format!("cannot open {}: {e}", file.name),
