@@ -424,6 +424,74 @@ fn allow_admits_listed_keys_only_and_is_reread_on_change() {
 }
 
 #[test]
+fn a_key_removed_from_allow_drops_its_member_on_sighup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    for dir in [&a, &b, &c] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let (ka, kb, kc) = (show_id(&a), show_id(&b), show_id(&c));
+    let allow = tmp.path().join("allow");
+    std::fs::write(&allow, format!("{ka}\n{kb}\n")).unwrap();
+    let mut m = keyed_manager(&["--allow", allow.to_str().unwrap()]);
+    let pa = keyed_peer(&a, m.addr, KEY, &[]);
+    let mut pb = keyed_peer(&b, m.addr, KEY, &[]);
+    let as_a = ["--dir", a.to_str().unwrap()];
+    wait_for(WAIT, "a and b listed", || {
+        listed_keys_as(m.addr, &as_a).len() == 2
+    });
+    // Swap b's key for c's in place: same inode, same size, and the old
+    // mtime put back, so only the SIGHUP can tell the manager to reread.
+    let before = std::fs::metadata(&allow).unwrap();
+    std::fs::write(&allow, format!("{ka}\n{kc}\n")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let stamp = format!("@{}.{:09}", before.mtime(), before.mtime_nsec());
+    let touched = Command::new("touch")
+        .args(["-m", "-d", &stamp])
+        .arg(&allow)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        listed_keys_as(m.addr, &as_a).len(),
+        2,
+        "an unchanged stamp is not reread before the SIGHUP"
+    );
+    m.proc.signal("HUP");
+    wait_for(WAIT, "b dropped", || {
+        m.proc
+            .stderr
+            .text()
+            .contains(&format!("its key {kb} was removed from the allow list"))
+    });
+    wait_for(WAIT, "b gone from the list", || {
+        listed_keys_as(m.addr, &as_a) == vec![(pa.addr, ka.clone())]
+    });
+    assert_eq!(m.peer_count(), 1);
+    // b's connection was closed, with the reason, and its retries are
+    // refused at the handshake.
+    wait_for(WAIT, "b told why", || {
+        pb.proc
+            .stderr
+            .text()
+            .contains("removed from the manager's allow list")
+    });
+    wait_for(WAIT, "b's retry refused", || {
+        m.proc
+            .stderr
+            .text()
+            .contains(&format!("its key {kb} is not in the allow list"))
+    });
+    assert!(pb.proc.is_running());
+    assert_eq!(listed_keys_as(m.addr, &as_a).len(), 1);
+}
+
+#[test]
 fn a_non_loopback_manager_without_a_key_refuses_to_start() {
     let out = Command::new(manager_bin())
         .args(["--listen", "0.0.0.0:0"])
