@@ -295,16 +295,15 @@ impl Conn {
             let status = if self.sealed.is_some() {
                 // Opens at most about a read chunk of plaintext per round,
                 // decoded before the next: the plaintext buffer stays small
-                // however much ciphertext the socket holds.
+                // however much ciphertext the socket holds (and `fill`
+                // reads as much per round on an open connection).
                 match self.fill_sealed(&mut budget) {
                     Ok(status) => Ok(status),
                     Err(SealedEnd::Authenticated(key)) => return ReadEnd::Authenticated(key),
                     Err(SealedEnd::Closed(why)) => return ReadEnd::Closed(why),
                 }
             } else {
-                let status = self.fill(budget);
-                budget = 0;
-                status
+                self.fill(&mut budget)
             };
             let mut decoded_any = false;
             loop {
@@ -333,7 +332,7 @@ impl Conn {
                 }
             }
             return match status {
-                // A sealed round that stopped at its plaintext cap: read on.
+                // A round that stopped at its read chunk: read on.
                 Ok(IoStatus::Budget) if budget > 0 && decoded_any => continue,
                 Ok(IoStatus::WouldBlock) => ReadEnd::Open { revisit: false },
                 Ok(IoStatus::Budget) => ReadEnd::Open { revisit: true },
@@ -404,12 +403,12 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads until `WouldBlock`, EOF, `budget` bytes, or a buffer full of
-    /// complete frames (`Budget`: decode them, then call again next turn).
-    fn fill(&mut self, budget: usize) -> io::Result<IoStatus> {
-        let mut read = 0;
-        while read < budget {
-            if !self.make_room() {
+    /// Reads until `WouldBlock`, EOF, `budget` bytes (taken off it), or a
+    /// read chunk of bytes that starts with a whole frame (`Budget`: decode
+    /// them, then read on).
+    fn fill(&mut self, budget: &mut usize) -> io::Result<IoStatus> {
+        while *budget > 0 {
+            if self.holds_a_read_chunk() || !self.make_room() {
                 // Full of complete frames: the caller decodes them, then
                 // revisits us (no new edge will come for bytes still queued).
                 return Ok(IoStatus::Budget);
@@ -418,7 +417,7 @@ impl Conn {
                 Ok(0) => return Ok(IoStatus::Done),
                 Ok(n) => {
                     self.read_end += n;
-                    read += n;
+                    *budget = budget.saturating_sub(n);
                 }
                 Err(e) => match e.kind() {
                     io::ErrorKind::WouldBlock => return Ok(IoStatus::WouldBlock),
@@ -458,7 +457,7 @@ impl Conn {
         // only as bytes arrive (at most doubling what is buffered): a header
         // that announces megabytes and then goes quiet costs one read's worth.
         // A sealed connection opens one message (`min`) at a time and stops
-        // at a read chunk of plaintext (see `plaintext_full`).
+        // at a read chunk of plaintext (see `holds_a_read_chunk`).
         let spare = if self.sealed.is_some() {
             min
         } else {
@@ -608,7 +607,7 @@ impl Conn {
                 }
                 Phase::Open(mut t) => {
                     let whole = Transport::peek(buffered).filter(|&l| buffered.len() >= l);
-                    let Some(len) = whole.filter(|_| !self.plaintext_full()) else {
+                    let Some(len) = whole.filter(|_| !self.holds_a_read_chunk()) else {
                         sealed.phase = Phase::Open(t);
                         return Ok(());
                     };
@@ -640,10 +639,10 @@ impl Conn {
         }
     }
 
-    /// Whether a sealed connection's read buffer holds enough to decode
-    /// before more is opened into it: a read chunk's worth that starts with
-    /// a whole frame (a bigger frame is opened until it is whole).
-    fn plaintext_full(&self) -> bool {
+    /// Whether the read buffer holds enough to decode before more is read
+    /// (or, sealed, opened) into it: a read chunk's worth that starts with
+    /// a whole frame (a bigger frame is read until it is whole).
+    fn holds_a_read_chunk(&self) -> bool {
         let buffered = &self.read_buf[self.read_start..self.read_end];
         if buffered.len() < self.read_chunk {
             return false;
@@ -912,7 +911,26 @@ mod tests {
 
     #[test]
     fn a_sealed_reader_opens_a_read_chunk_at_a_time_however_much_is_waiting() {
-        let (mut a, mut b) = sealed_pair();
+        let (a, b) = sealed_pair();
+        reads_a_read_chunk_at_a_time(a, b);
+    }
+
+    #[test]
+    fn an_open_reader_reads_a_read_chunk_at_a_time_however_much_is_waiting() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let a = Conn::new(TcpStream::from_std(client), addr);
+        let b = Conn::new(TcpStream::from_std(server), addr);
+        reads_a_read_chunk_at_a_time(a, b);
+    }
+
+    /// 16 MB of frames sent at once reach `b` whole, while its read buffer
+    /// stays within two read chunks.
+    fn reads_a_read_chunk_at_a_time(mut a: Conn, mut b: Conn) {
         b.set_read_chunk(256 << 10);
         let frame = Message::Error {
             code: crate::wire::ErrorCode::Other,
@@ -939,7 +957,7 @@ mod tests {
         assert_eq!(got, frames);
         assert!(
             biggest <= 512 << 10,
-            "the plaintext buffer grew to {biggest} bytes"
+            "the read buffer grew to {biggest} bytes"
         );
     }
 
