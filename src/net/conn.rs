@@ -291,54 +291,49 @@ impl Conn {
         }
         self.reads_held = false;
         let mut budget = super::READ_BUDGET;
-        loop {
-            let status = if self.sealed.is_some() {
-                // Opens at most about a read chunk of plaintext per round,
-                // decoded before the next: the plaintext buffer stays small
-                // however much ciphertext the socket holds (and `fill`
-                // reads as much per round on an open connection).
-                match self.fill_sealed(&mut budget) {
-                    Ok(status) => Ok(status),
-                    Err(SealedEnd::Authenticated(key)) => return ReadEnd::Authenticated(key),
-                    Err(SealedEnd::Closed(why)) => return ReadEnd::Closed(why),
-                }
-            } else {
-                self.fill(&mut budget)
-            };
-            let mut decoded_any = false;
-            loop {
-                let decoded = self
-                    .accept
-                    .decode(&self.read_buf[self.read_start..self.read_end]);
-                let (msg, used) = match decoded {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.send(&Message::Error {
-                            code: e.error_code(),
-                            reason: e.to_string(),
-                        });
-                        return ReadEnd::Closed(CloseReason::BadFrame(e));
-                    }
-                };
-                decoded_any = true;
-                let flow = on_frame(msg);
-                self.consume(used);
-                match flow {
-                    Flow::Continue => {}
-                    Flow::Expect(accept) => self.accept = accept,
-                    Flow::Yield => return ReadEnd::Open { revisit: true },
-                    Flow::Close => return ReadEnd::Closed(CloseReason::Handler),
-                }
+        // One round per call: read (or, sealed, open) until a read chunk
+        // that starts with a whole frame is buffered, decode it, and return
+        // with `revisit` if more may be waiting. The buffer stays small
+        // however much the socket holds, and the shell acts on what the
+        // frames asked for (new requests) before the next round.
+        let status = if self.sealed.is_some() {
+            match self.fill_sealed(&mut budget) {
+                Ok(status) => Ok(status),
+                Err(SealedEnd::Authenticated(key)) => return ReadEnd::Authenticated(key),
+                Err(SealedEnd::Closed(why)) => return ReadEnd::Closed(why),
             }
-            return match status {
-                // A round that stopped at its read chunk: read on.
-                Ok(IoStatus::Budget) if budget > 0 && decoded_any => continue,
-                Ok(IoStatus::WouldBlock) => ReadEnd::Open { revisit: false },
-                Ok(IoStatus::Budget) => ReadEnd::Open { revisit: true },
-                Ok(IoStatus::Done) => ReadEnd::Closed(CloseReason::PeerClosed),
-                Err(e) => ReadEnd::Closed(CloseReason::Io(e)),
+        } else {
+            self.fill(&mut budget)
+        };
+        loop {
+            let decoded = self
+                .accept
+                .decode(&self.read_buf[self.read_start..self.read_end]);
+            let (msg, used) = match decoded {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    self.send(&Message::Error {
+                        code: e.error_code(),
+                        reason: e.to_string(),
+                    });
+                    return ReadEnd::Closed(CloseReason::BadFrame(e));
+                }
             };
+            let flow = on_frame(msg);
+            self.consume(used);
+            match flow {
+                Flow::Continue => {}
+                Flow::Expect(accept) => self.accept = accept,
+                Flow::Yield => return ReadEnd::Open { revisit: true },
+                Flow::Close => return ReadEnd::Closed(CloseReason::Handler),
+            }
+        }
+        match status {
+            Ok(IoStatus::WouldBlock) => ReadEnd::Open { revisit: false },
+            Ok(IoStatus::Budget) => ReadEnd::Open { revisit: true },
+            Ok(IoStatus::Done) => ReadEnd::Closed(CloseReason::PeerClosed),
+            Err(e) => ReadEnd::Closed(CloseReason::Io(e)),
         }
     }
 
