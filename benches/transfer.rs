@@ -41,6 +41,7 @@ fn node_config(dir: &Path, manager: SocketAddr) -> NodeConfig {
         rescan_interval: Duration::from_secs(5),
         progress_bar: false,
         keys: None,
+        manager_key: None,
     }
 }
 

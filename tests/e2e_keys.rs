@@ -28,8 +28,12 @@ fn listening(log: &str, marker: &str) -> Option<SocketAddr> {
 
 /// A keyed manager on a loopback ephemeral port, with `extra` flags.
 fn keyed_manager(extra: &[&str]) -> Manager {
+    keyed_manager_on("127.0.0.1:0", extra)
+}
+
+fn keyed_manager_on(listen: &str, extra: &[&str]) -> Manager {
     let mut cmd = Command::new(manager_bin());
-    cmd.args(["--listen", "127.0.0.1:0", "--heartbeat", "0.5"])
+    cmd.args(["--listen", listen, "--heartbeat", "0.5"])
         .args(["--peer-timeout", "2", "-v", "--key", KEY])
         .args(extra);
     let proc = Proc::spawn_cmd(cmd);
@@ -421,6 +425,162 @@ fn allow_admits_listed_keys_only_and_is_reread_on_change() {
         listed_keys_as(m.addr, &as_a).len() == 2
     });
     assert_eq!(m.peer_count(), 2);
+}
+
+/// The manager's key as it logs it at start.
+fn manager_key(m: &Manager) -> String {
+    let log = m.proc.stderr.text();
+    log.lines()
+        .find_map(|l| l.split("manager key ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the manager logs its key")
+        .to_string()
+}
+
+#[test]
+fn a_key_removed_from_allow_drops_its_member_on_sighup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    for dir in [&a, &b, &c] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let (ka, kb, kc) = (show_id(&a), show_id(&b), show_id(&c));
+    let allow = tmp.path().join("allow");
+    std::fs::write(&allow, format!("{ka}\n{kb}\n")).unwrap();
+    let mut m = keyed_manager(&["--allow", allow.to_str().unwrap()]);
+    let pa = keyed_peer(&a, m.addr, KEY, &[]);
+    let mut pb = keyed_peer(&b, m.addr, KEY, &[]);
+    let as_a = ["--dir", a.to_str().unwrap()];
+    wait_for(WAIT, "a and b listed", || {
+        listed_keys_as(m.addr, &as_a).len() == 2
+    });
+    // Swap b's key for c's in place: same inode, same size, and the old
+    // mtime put back, so only the SIGHUP can tell the manager to reread.
+    let before = std::fs::metadata(&allow).unwrap();
+    std::fs::write(&allow, format!("{ka}\n{kc}\n")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let stamp = format!("@{}.{:09}", before.mtime(), before.mtime_nsec());
+    let touched = Command::new("touch")
+        .args(["-m", "-d", &stamp])
+        .arg(&allow)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        listed_keys_as(m.addr, &as_a).len(),
+        2,
+        "an unchanged stamp is not reread before the SIGHUP"
+    );
+    m.proc.signal("HUP");
+    wait_for(WAIT, "b dropped", || {
+        m.proc
+            .stderr
+            .text()
+            .contains(&format!("its key {kb} was removed from the allow list"))
+    });
+    wait_for(WAIT, "b gone from the list", || {
+        listed_keys_as(m.addr, &as_a) == vec![(pa.addr, ka.clone())]
+    });
+    assert_eq!(m.peer_count(), 1);
+    // b's connection was closed, with the reason, and its retries are
+    // refused at the handshake.
+    wait_for(WAIT, "b told why", || {
+        pb.proc
+            .stderr
+            .text()
+            .contains("removed from the manager's allow list")
+    });
+    wait_for(WAIT, "b's retry refused", || {
+        m.proc
+            .stderr
+            .text()
+            .contains(&format!("its key {kb} is not in the allow list"))
+    });
+    assert!(pb.proc.is_running());
+    assert_eq!(listed_keys_as(m.addr, &as_a).len(), 1);
+}
+
+#[test]
+fn a_manager_with_another_identity_at_a_known_address_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    let (id1, id2) = (tmp.path().join("id1"), tmp.path().join("id2"));
+    let m1 = keyed_manager(&["--identity-file", id1.to_str().unwrap()]);
+    let addr = m1.addr;
+    let k1 = manager_key(&m1);
+    let mut pa = keyed_peer(&a, addr, KEY, &[]);
+    wait_listed(addr, 1);
+    let pins = a.join(".shoal/managers");
+    wait_for(WAIT, "the manager's key pinned", || {
+        std::fs::read_to_string(&pins).is_ok_and(|t| t.contains(&format!("{addr} {k1}")))
+    });
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&pins).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    pa.proc.kill();
+    drop(m1);
+
+    // The same identity again at the same address: accepted.
+    let m1 = keyed_manager_on(
+        &addr.to_string(),
+        &["--identity-file", id1.to_str().unwrap()],
+    );
+    assert_eq!(manager_key(&m1), k1, "the identity file is kept");
+    let mut pa = keyed_peer(&a, addr, KEY, &[]);
+    wait_listed(addr, 1);
+    pa.proc.kill();
+    drop(m1);
+
+    // Another identity, same network key, same address: refused, saying
+    // what changed and how to accept it.
+    let m2 = keyed_manager_on(
+        &addr.to_string(),
+        &["--identity-file", id2.to_str().unwrap()],
+    );
+    let k2 = manager_key(&m2);
+    assert_ne!(k1, k2);
+    let mut pa = keyed_peer(&a, addr, KEY, &[]);
+    let status = pa.proc.wait_exit(WAIT);
+    assert!(!status.success());
+    let err = pa.proc.stderr.text();
+    assert!(
+        err.contains(&format!("proved the key {k2}"))
+            && err.contains(&format!("met the key {k1} there before"))
+            && err.contains("--manager-key"),
+        "{err}"
+    );
+    assert_eq!(listed_keys(addr).len(), 0, "never joined");
+    // A one-shot question from the folder checks it the same way.
+    let dir = ["--dir", a.to_str().unwrap()];
+    let (ok, _, err) = peer_oneshot(addr, &[&["--key", KEY][..], &dir, &["peers"]].concat());
+    assert!(!ok);
+    assert!(err.contains(&format!("proved the key {k2}")), "{err}");
+    // --manager-key accepts the new key and records it.
+    let (ok, _, err) = peer_oneshot(
+        addr,
+        &[&["--key", KEY, "--manager-key", &k2][..], &dir, &["peers"]].concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        std::fs::read_to_string(&pins)
+            .unwrap()
+            .contains(&format!("{addr} {k2}"))
+    );
+    let (ok, _, err) = peer_oneshot(addr, &[&["--key", KEY][..], &dir, &["peers"]].concat());
+    assert!(ok, "{err}");
+    // And a wrong --manager-key is refused even where nothing is pinned.
+    let (ok, _, err) = peer_oneshot(addr, &["--key", KEY, "--manager-key", &k1, "peers"]);
+    assert!(!ok);
+    assert!(
+        err.contains("not the one given with --manager-key"),
+        "{err}"
+    );
 }
 
 #[test]

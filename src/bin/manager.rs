@@ -67,6 +67,13 @@ struct Args {
     #[arg(long, value_name = "KEY")]
     key: Option<String>,
 
+    /// The manager's own static key pair (its identity, which peers pin on
+    /// first contact): made (mode 0600) if missing. Default: the key file's
+    /// path with `.identity` appended; with --key alone, a fresh identity
+    /// each start (peers that met an earlier one then refuse this one).
+    #[arg(long, value_name = "PATH")]
+    identity_file: Option<PathBuf>,
+
     /// Admit only the peers whose public keys (`peer --show-id`) this file
     /// lists, one a line; reread when it changes and on SIGHUP. Needs a key.
     #[arg(long, value_name = "FILE")]
@@ -160,15 +167,39 @@ fn main() -> ExitCode {
             }
         },
     };
+    let identity_file = args.identity_file.clone().or_else(|| {
+        args.key_file.as_ref().map(|k| {
+            let mut p = k.clone().into_os_string();
+            p.push(".identity");
+            PathBuf::from(p)
+        })
+    });
     let keys = match network {
         None => None,
-        Some(network) => match shoal::net::noise::Identity::generate() {
-            Ok(identity) => Some(shoal::net::noise::Keys { network, identity }),
-            Err(e) => {
-                eprintln!("manager: {e}");
-                return ExitCode::from(1);
+        Some(network) => {
+            let identity = match &identity_file {
+                Some(path) => shoal::net::noise::Identity::load_or_create(path),
+                None => {
+                    log::warn!(
+                        "no --identity-file: this manager has a new identity each start, and peers that met an earlier one will refuse it"
+                    );
+                    shoal::net::noise::Identity::generate().map_err(|e| e.to_string())
+                }
+            };
+            match identity {
+                Ok(identity) => {
+                    log::info!(
+                        "manager key {} (peers may pin it with --manager-key)",
+                        identity.public()
+                    );
+                    Some(shoal::net::noise::Keys { network, identity })
+                }
+                Err(e) => {
+                    eprintln!("manager: {e}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
     };
     let config = ServerConfig {
         keys,

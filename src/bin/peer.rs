@@ -14,7 +14,7 @@ use shoal::peer::link::Query;
 use shoal::peer::node::{JsonSink, Mode, Node, NodeConfig};
 use shoal::peer::output;
 use shoal::peer::query::Answer;
-use shoal::wire::{FileName, Hash};
+use shoal::wire::{FileName, Hash, PeerKey};
 
 /// How `peer` exits; the README's "Exit codes" lists the same. Kept here, in
 /// one place, so typed errors can map onto new codes later.
@@ -131,6 +131,13 @@ struct Args {
     #[arg(long, value_name = "PATH", global = true)]
     key_file: Option<PathBuf>,
 
+    /// Accept only a manager that proves this static key (as the manager
+    /// prints it at start). Without it, the first key a manager at
+    /// --manager proves is recorded in DIR/.shoal/managers and another key
+    /// there later is refused; give the new key here to accept it.
+    #[arg(long, value_name = "KEY", global = true, value_parser = parse_peer_key)]
+    manager_key: Option<PeerKey>,
+
     /// Print this peer's public key (its identity, kept in
     /// DIR/.shoal/identity; made on first use) and exit. Put it in the
     /// manager's --allow file to admit this peer.
@@ -234,12 +241,23 @@ fn run(args: Args) -> Result<(), Failure> {
             }))
         };
     let mut json_summary = false;
+    // A one-shot question checks the manager's key like a peer does when it
+    // has a folder (--dir) or --manager-key.
+    let pins = match &args.dir {
+        Some(dir) if network.is_some() => {
+            Some(shoal::store::FolderDirs::open(dir).map_err(Failure::failed)?)
+        }
+        _ => None,
+    };
+    let trust = (pins.as_ref(), args.manager_key);
     let mode = match args.command {
         Some(Cmd::Peers { json }) => {
-            return query(args.manager, Query::ListPeers, json, query_keys(&network)?);
+            let keys = query_keys(&network)?;
+            return query(args.manager, Query::ListPeers, json, keys, trust);
         }
         Some(Cmd::Files { json }) => {
-            return query(args.manager, Query::ListFiles, json, query_keys(&network)?);
+            let keys = query_keys(&network)?;
+            return query(args.manager, Query::ListFiles, json, keys, trust);
         }
         Some(Cmd::Get {
             names,
@@ -273,6 +291,7 @@ fn run(args: Args) -> Result<(), Failure> {
     };
     let config = NodeConfig {
         keys,
+        manager_key: args.manager_key,
         dir,
         manager: args.manager,
         listen: args.listen,
@@ -304,8 +323,12 @@ fn query(
     q: Query,
     json: bool,
     keys: Option<shoal::net::noise::Keys>,
+    (dirs, explicit): (Option<&shoal::store::FolderDirs>, Option<PeerKey>),
 ) -> Result<(), Failure> {
-    let answer = shoal::peer::query::ask(manager, q, keys.as_ref()).map_err(Failure::failed)?;
+    let answer = shoal::peer::query::ask_checked(manager, q, keys.as_ref(), |key| {
+        shoal::peer::check_manager_key(dirs, manager, key, explicit)
+    })
+    .map_err(Failure::failed)?;
     let text = match (answer, json) {
         (Answer::Peers(peers), false) => output::peer_entries(&peers, None),
         (Answer::Peers(peers), true) => output::peers_json(&peers),
@@ -327,6 +350,13 @@ fn query(
 }
 
 /// The original asked for a port and a peer number; so do we when started bare.
+fn parse_peer_key(text: &str) -> Result<PeerKey, String> {
+    PeerKey::from_text(text.trim()).ok_or_else(|| {
+        "a manager key is 52 letters a-z and digits 2-7 (as the manager prints it at start)"
+            .to_string()
+    })
+}
+
 fn ask_like_the_original(args: &mut Args) -> Result<(), String> {
     let mut lines = io::stdin().lock().lines();
     let mut ask = |prompt: &str| -> Result<String, String> {

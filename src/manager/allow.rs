@@ -1,14 +1,19 @@
 //! `manager --allow FILE`: the public keys of the peers admitted to a
 //! network of known machines. One key per line (the form `peer --show-id`
 //! prints), optionally followed by a note; `#` starts a comment. The file is
-//! reread when it changes (checked as each peer's handshake completes) and
-//! on SIGHUP; a file that stops parsing keeps the last good list.
+//! reread when it changes (checked as each peer's handshake completes and
+//! every [`CHECK_EVERY`]) and on SIGHUP; a file that stops parsing keeps the
+//! last good list. After a reread the manager closes the connections of
+//! members whose key is no longer listed.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::wire::PeerKey;
+
+/// How often the manager looks at the file's stamp for a change.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AllowList {
@@ -66,18 +71,31 @@ impl AllowList {
     }
 
     /// Rereads the file; on failure the last good list stays (logged).
-    pub fn reload(&mut self) {
+    /// True when a new list was read (the caller then drops whoever it no
+    /// longer admits).
+    pub fn reload(&mut self) -> bool {
         match AllowList::load(&self.path) {
-            Ok(fresh) => *self = fresh,
-            Err(e) => log::warn!("{e}; keeping the previous allow list"),
+            Ok(fresh) => {
+                *self = fresh;
+                true
+            }
+            Err(e) => {
+                log::warn!("{e}; keeping the previous allow list");
+                // Not read again until it changes once more.
+                self.stamp = stamp(&self.path);
+                false
+            }
         }
     }
 
-    /// Whether `key` is listed, rereading the file first if it changed.
-    pub fn admits(&mut self, key: &PeerKey) -> bool {
-        if stamp(&self.path) != self.stamp {
-            self.reload();
-        }
+    /// Rereads the file if it changed since it was last read; true when a
+    /// new list was read.
+    pub fn refresh(&mut self) -> bool {
+        stamp(&self.path) != self.stamp && self.reload()
+    }
+
+    /// Whether `key` is in the list as last read.
+    pub fn contains(&self, key: &PeerKey) -> bool {
         self.keys.contains(key)
     }
 }
@@ -105,10 +123,17 @@ mod tests {
         let (a, b) = (PeerKey([1; 32]), PeerKey([2; 32]));
         std::fs::write(&path, format!("{a}\n")).unwrap();
         let mut list = AllowList::load(&path).unwrap();
-        assert!(list.admits(&a) && !list.admits(&b));
+        assert!(!list.refresh(), "unchanged");
+        assert!(list.contains(&a) && !list.contains(&b));
         std::fs::write(&path, format!("{a}\n{b}\n")).unwrap();
-        assert!(list.admits(&b));
+        assert!(list.refresh());
+        assert!(list.contains(&b));
         std::fs::write(&path, "garbage that is longer than before\n").unwrap();
-        assert!(list.admits(&b), "a broken file keeps the last good list");
+        assert!(!list.refresh(), "a broken file is no new list");
+        assert!(list.contains(&b), "a broken file keeps the last good list");
+        assert!(!list.refresh(), "and is not reread until it changes");
+        std::fs::write(&path, format!("{b}\n")).unwrap();
+        assert!(list.refresh());
+        assert!(!list.contains(&a), "a removed key is gone");
     }
 }

@@ -12,7 +12,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::allow::AllowList;
+use super::allow::{self, AllowList};
 use super::registry::{Action, Registry, RegistryConfig};
 use super::stats::{ConnState, ManagerStats};
 use crate::metrics::http::MetricsServer;
@@ -66,6 +66,8 @@ pub struct Server {
     stats: ManagerStats,
     /// The registry's liveness sweep is what closes connections now.
     sweeping: bool,
+    /// When to look at the allow file for a change next.
+    allow_check_at: Option<Instant>,
 }
 
 const HANGUP: Token = Token(usize::MAX - 4);
@@ -106,6 +108,10 @@ impl Server {
             max_conns: config.max_conns,
             stopping: false,
             keys: config.keys,
+            allow_check_at: config
+                .allow
+                .as_ref()
+                .map(|_| Instant::now() + allow::CHECK_EVERY),
             allow: config.allow,
             handshakes: VecDeque::new(),
             hangups,
@@ -141,6 +147,7 @@ impl Server {
                 deadline,
                 self.metrics_http.as_ref().and_then(|m| m.poll_timeout()),
             );
+            let deadline = net::earliest(deadline, self.allow_check_at);
             let timeout = if self.revisit.is_empty() {
                 net::timeout_until(deadline, now)
             } else {
@@ -177,8 +184,9 @@ impl Server {
                         let hup = self.hangups.as_mut().map(|h| h.pending().count());
                         if hup.unwrap_or(0) > 0
                             && let Some(allow) = &mut self.allow
+                            && allow.reload()
                         {
-                            allow.reload();
+                            self.drop_unlisted(now);
                         }
                     }
                     token if MetricsServer::owns(token) => {
@@ -201,6 +209,12 @@ impl Server {
                 }
             }
             self.expire_handshakes(now);
+            if self.allow_check_at.is_some_and(|at| at <= now) {
+                self.allow_check_at = Some(now + allow::CHECK_EVERY);
+                if self.allow.as_mut().is_some_and(AllowList::refresh) {
+                    self.drop_unlisted(now);
+                }
+            }
             self.registry.handle_timeout(now);
             // What the core closes now, its sweep closes: a member
             // here timed out (every handler above applied its own actions).
@@ -268,8 +282,9 @@ impl Server {
                 }
             }
             ReadEnd::Authenticated(key) => {
-                if let Some(allow) = &mut self.allow
-                    && !allow.admits(&key)
+                let reread = self.allow.as_mut().is_some_and(AllowList::refresh);
+                if let Some(allow) = &self.allow
+                    && !allow.contains(&key)
                 {
                     log::warn!(
                         "refusing {remote}: its key {key} is not in the allow list {}",
@@ -277,12 +292,15 @@ impl Server {
                     );
                     self.registry.handle_disconnected(id, now);
                     self.close(id);
-                    return;
+                } else {
+                    log::debug!("{remote}: sealed, key {key}");
+                    self.registry.handle_authenticated(id, key);
+                    self.flush(id, now);
+                    self.revisit.push(id);
                 }
-                log::debug!("{remote}: sealed, key {key}");
-                self.registry.handle_authenticated(id, key);
-                self.flush(id, now);
-                self.revisit.push(id);
+                if reread {
+                    self.drop_unlisted(now);
+                }
             }
             ReadEnd::Closed(why) => {
                 match why {
@@ -294,6 +312,37 @@ impl Server {
                 self.registry.handle_disconnected(id, now);
                 self.close(id);
             }
+        }
+        self.apply_actions(now);
+    }
+
+    /// After the allow list was reread: closes every connection whose proven
+    /// key it no longer lists (members leave as on any disconnect, so the
+    /// others hear of it in the next broadcast).
+    fn drop_unlisted(&mut self, now: Instant) {
+        let Some(allow) = &self.allow else {
+            return;
+        };
+        let removed: Vec<(ConnId, crate::wire::PeerKey)> = self
+            .conns
+            .iter()
+            .filter_map(|(i, c)| Some((ConnId(i), c.remote_key()?)))
+            .filter(|(_, key)| !allow.contains(key))
+            .collect();
+        let path = allow.path().display().to_string();
+        for (id, key) in removed {
+            if let Some(conn) = self.conns.get_mut(id.0) {
+                log::warn!(
+                    "dropping {}: its key {key} was removed from the allow list {path}",
+                    conn.peer_addr(),
+                );
+                conn.send(&crate::wire::Message::Error {
+                    code: crate::wire::ErrorCode::Incompatible,
+                    reason: "this peer's key was removed from the manager's allow list".into(),
+                });
+            }
+            self.registry.handle_disconnected(id, now);
+            self.close(id);
         }
         self.apply_actions(now);
     }

@@ -155,6 +155,53 @@ impl Identity {
         self.public
     }
 
+    /// Reads the private key at `path` (32 raw bytes), or creates it
+    /// (mode 0600, never replacing a file that appears meanwhile): the
+    /// manager's identity, kept across restarts so peers that pinned it
+    /// still accept it.
+    pub fn load_or_create(path: &Path) -> Result<Identity, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let from = |bytes: &[u8]| -> Result<Identity, String> {
+            let raw = <[u8; 32]>::try_from(bytes).map_err(|_| {
+                format!(
+                    "{} is not an identity (32 bytes); move it away to make a new one",
+                    path.display()
+                )
+            })?;
+            Identity::from_private(raw).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => return from(&bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read identity file {}: {e}", path.display())),
+        }
+        let fresh = Identity::generate().map_err(|e| format!("no randomness: {e}"))?;
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        let mut file = match created {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("cannot read identity file {}: {e}", path.display()))?;
+                return from(&bytes);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot create identity file {}: {e}",
+                    path.display()
+                ));
+            }
+        };
+        file.write_all(&fresh.private)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("cannot write identity file {}: {e}", path.display()))?;
+        Ok(fresh)
+    }
+
     /// The 32 bytes stored in `.shoal/identity`.
     pub fn private_bytes(&self) -> &[u8; 32] {
         &self.private

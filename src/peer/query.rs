@@ -43,6 +43,18 @@ enum Stage {
 /// Asks `query` (`ListPeers` or `ListFiles`) and returns the answer.
 /// With `keys` the connection is sealed (a keyed network).
 pub fn ask(manager: SocketAddr, query: Query, keys: Option<&Keys>) -> Result<Answer, NodeError> {
+    ask_checked(manager, query, keys, |_| Ok(()))
+}
+
+/// [`ask`], with `check_key` judging the static key a sealed manager
+/// proves before anything is asked (see [`crate::peer::check_manager_key`]);
+/// its error ends the query.
+pub fn ask_checked(
+    manager: SocketAddr,
+    query: Query,
+    keys: Option<&Keys>,
+    mut check_key: impl FnMut(crate::wire::PeerKey) -> Result<(), String>,
+) -> Result<Answer, NodeError> {
     let start = Instant::now();
     let deadline = start + QUERY_LIMIT;
     let refused = |why: String| {
@@ -143,7 +155,8 @@ pub fn ask(manager: SocketAddr, query: Query, keys: Option<&Keys>) -> Result<Ans
                 match end {
                     // One connection only: read the rest of a burst now.
                     ReadEnd::Open { revisit: true } => continue,
-                    ReadEnd::Authenticated(_) => {
+                    ReadEnd::Authenticated(key) => {
+                        check_key(key).map_err(NodeError::Manager)?;
                         c.flush()
                             .and_then(|_| c.sync_interest(poll.registry(), MANAGER))
                             .map_err(|e| refused(e.to_string()))?;

@@ -21,6 +21,7 @@ use std::rc::Rc;
 use rustix::fs::{AtFlags, CWD, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
+use super::pins::{MANAGERS_FILE, Pins};
 use super::{META_DIR, PARTIAL_DIR, StoreError};
 
 /// Handles on the shared folder and shoal's state folders in it. Cheap to
@@ -127,6 +128,27 @@ impl FolderDirs {
             }
             Err(err) => Err(StoreError::io("create", &path, err)),
         }
+    }
+
+    /// `DIR/.shoal/managers`, for messages.
+    pub fn manager_pins_path(&self) -> PathBuf {
+        self.0.path.join(META_DIR).join(MANAGERS_FILE)
+    }
+
+    /// The manager keys this folder has met (`.shoal/managers`; empty if
+    /// there is none yet).
+    pub fn manager_pins(&self) -> Result<Pins, StoreError> {
+        match read_state_file(self.meta(), MANAGERS_FILE) {
+            Ok(None) => Ok(Pins::parse("")),
+            Ok(Some(bytes)) => Ok(Pins::parse(&String::from_utf8_lossy(&bytes))),
+            Err(err) => Err(StoreError::io("read", &self.manager_pins_path(), err)),
+        }
+    }
+
+    /// Replaces `.shoal/managers` (0600) with `pins`, atomically.
+    pub fn save_manager_pins(&self, pins: &Pins) -> Result<(), StoreError> {
+        replace_atomically(self.meta(), MANAGERS_FILE, pins.render().as_bytes())
+            .map_err(|err| StoreError::io("write", &self.manager_pins_path(), err))
     }
 
     /// `DIR/.shoal/partial/name`, for messages.

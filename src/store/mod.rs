@@ -14,6 +14,7 @@ mod dirs;
 mod index;
 mod manifest;
 mod partial;
+pub mod pins;
 
 use std::fmt;
 use std::io;

@@ -42,7 +42,23 @@ impl Node {
         });
         match end {
             ReadEnd::Open { revisit } => self.revisit_manager |= revisit,
-            ReadEnd::Authenticated(_) => self.revisit_manager = true,
+            ReadEnd::Authenticated(key) => {
+                let addr = self.config.manager;
+                let dirs = Some(self.store.dirs());
+                if let Err(why) =
+                    crate::peer::check_manager_key(dirs, addr, key, self.config.manager_key)
+                {
+                    // Not retried: the same manager would prove the same key.
+                    log::error!("{why}");
+                    if let Some(conn) = self.manager_conn.take() {
+                        conn.close(self.poll.registry());
+                    }
+                    self.manager_connected = false;
+                    self.finish(Err(NodeError::Manager(why)));
+                    return;
+                }
+                self.revisit_manager = true;
+            }
             ReadEnd::Closed(why) => {
                 if let crate::net::CloseReason::Handshake(_) = why {
                     log::error!("the manager at {}: {why}", self.config.manager);

@@ -78,6 +78,9 @@ pub struct NodeConfig {
     /// The network key and this peer's identity: every connection, to
     /// the manager and between peers, is sealed. `None` on an open network.
     pub keys: Option<crate::net::noise::Keys>,
+    /// The manager's static key, pinned with `--manager-key`; without it
+    /// the first key met is pinned in `DIR/.shoal/managers`.
+    pub manager_key: Option<crate::wire::PeerKey>,
 }
 
 /// What this run of the peer is for.
