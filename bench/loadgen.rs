@@ -110,6 +110,9 @@ struct Sim {
     silent: bool,
     /// Part of the burst (the probes are not).
     burst: bool,
+    /// The member count, on a network above the manager's full-list limit
+    /// (it sends `PeerCount` instead of lists there).
+    total: Option<u32>,
 }
 
 /// The event whose propagation is being timed.
@@ -125,6 +128,8 @@ struct Gen {
     sims: Slab<Sim>,
     manager: SocketAddr,
     watch: Watch,
+    /// The member count when the probe began (for `PeerCount` networks).
+    baseline: u32,
     scratch: Vec<u8>,
     burst: usize,
     joined: usize,
@@ -227,6 +232,7 @@ fn measure(
         sims: Slab::with_capacity(args.peers + 8),
         manager,
         watch: Watch::None,
+        baseline: 0,
         scratch: vec![0; 256 << 10],
         burst: args.peers,
         joined: 0,
@@ -451,6 +457,7 @@ impl Gen {
             seen_at: None,
             silent: false,
             burst,
+            total: None,
         });
         Ok(key)
     }
@@ -572,11 +579,24 @@ impl Gen {
     }
 
     fn handle(&mut self, key: usize, msg: Message<'_>, now: Instant) {
-        let watch = self.watch;
+        let (watch, baseline) = (self.watch, self.baseline);
         let Some(sim) = self.sims.get_mut(key) else {
             return;
         };
         match msg {
+            // Above the full-list limit: a join or a leave shows as the count
+            // moving past what it was when the probe began.
+            Message::PeerCount { total } => {
+                sim.total = Some(total);
+                let moved = match watch {
+                    Watch::Added(_) => total > baseline,
+                    Watch::Removed(_) => total < baseline,
+                    Watch::None => false,
+                };
+                if moved {
+                    sim.seen_at.get_or_insert(now);
+                }
+            }
             Message::Ping { nonce } => wire::encode(&Message::Pong { nonce }, &mut sim.wbuf),
             Message::Welcome { peer_id, .. } => {
                 sim.id = Some(peer_id);
@@ -683,12 +703,13 @@ impl Gen {
         self.spread(start)
     }
 
-    /// Every burst peer that is in holds every burst peer that is in.
+    /// Every burst peer that is in holds every burst peer that is in (or,
+    /// above the full-list limit, has the right count).
     fn converged(&self) -> bool {
         let members = self.members();
-        self.sims
-            .iter()
-            .all(|(_, s)| !s.burst || s.id.is_none() || s.count == members)
+        self.sims.iter().all(|(_, s)| {
+            !s.burst || s.id.is_none() || s.count == members || s.total == Some(members as u32)
+        })
     }
 
     fn members(&self) -> usize {
@@ -702,7 +723,9 @@ impl Gen {
         let members = self.members();
         self.sims
             .iter()
-            .filter(|(_, s)| s.burst && s.id.is_some() && s.count == members)
+            .filter(|(_, s)| {
+                s.burst && s.id.is_some() && (s.count == members || s.total == Some(members as u32))
+            })
             .count()
     }
 
@@ -710,6 +733,8 @@ impl Gen {
         for (_, s) in self.sims.iter_mut() {
             s.seen_at = None;
         }
+        // Every peer the manager counts now: the burst and any probe still in.
+        self.baseline = self.sims.iter().filter(|(_, s)| s.id.is_some()).count() as u32;
     }
 
     fn all_seen(&self) -> bool {

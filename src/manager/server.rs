@@ -23,6 +23,10 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const STDIN: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
+/// Bytes read at a time from a member: its frames are pongs and queries
+/// (a `ShareFiles` of up to 1.2 MB still arrives, over more reads).
+const MEMBER_READ_CHUNK: usize = 4 << 10;
+
 /// Beyond this many queued outgoing bytes a peer is not reading its socket
 /// (hung or stopped): it is dropped rather than grow our memory.
 const MAX_OUTBOX: usize = 16 << 20;
@@ -246,6 +250,9 @@ impl Server {
             }
             conn.set_accept(crate::wire::accept::MANAGER_BEFORE_HELLO);
             conn.set_frame_stats(self.stats.frames.clone());
+            // Thousands of mostly idle members: no buffer kept between frames.
+            conn.set_release_idle_buffers(true);
+            conn.set_read_chunk(MEMBER_READ_CHUNK);
             if let Some(keys) = &self.keys {
                 conn.seal(keys, false, now);
                 self.handshakes
