@@ -111,6 +111,10 @@ impl Node {
                         && let Some(pc) = self.conns.get_mut(id.0)
                     {
                         pc.conn().send(&msg);
+                        // What we ask changes what may come back: a manifest
+                        // asked on a timer (the hedge) must be accepted
+                        // although no frame of that source came since.
+                        pc.conn().set_accept(j.core.accepts(source));
                         touched.push(id);
                     }
                 }
