@@ -268,12 +268,30 @@ class Swarm:
             if hosts:
                 ns = hosts.seeders[i]
                 argv += ["--listen", f"{hosts.seeder_ips[i]}:0"]
+                # Scraped inside its namespace: how many copies it uploads.
+                argv += ["--metrics", f"127.0.0.1:{SEEDER_METRICS_PORT}"]
             child = Child(argv, self.work / f"seed{i}.log", ns=ns)
+            child.ns = ns
             wait_for("a seeder to hash and listen", 60,
                      lambda c=child: _listening(c, "peer serving on "))
             self.seeders.append(child)
         if limits:
             self.wait_holders(len(limits))
+
+    def served_bytes(self, i=0):
+        """Chunk bytes seeder `i` has served so far (from its --metrics page,
+        read inside its namespace); None if it has no page."""
+        ns = getattr(self.seeders[i], "ns", None)
+        if not ns:
+            return None
+        fetch = ("import urllib.request as u; print(u.urlopen("
+                 f"'http://127.0.0.1:{SEEDER_METRICS_PORT}/metrics', timeout=5).read().decode())")
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", fetch],
+                             capture_output=True, text=True, timeout=15).stdout
+        for line in out.splitlines():
+            if line.startswith("shoal_peer_served_bytes_total"):
+                return float(line.split()[-1])
+        return None
 
     def wait_holders(self, n):
         hub = self.hosts.hub if self.hosts else None
@@ -732,6 +750,10 @@ def kumar_ross(n, size, rate):
     return max(size / rate, n * size / (rate + n * rate))
 
 
+# Where each namespaced seeder serves --metrics (its own loopback).
+SEEDER_METRICS_PORT = 9464
+
+
 class SwarmBench:
     """Scenarios f and g: each peer in its own namespace, upload capped by tbf."""
 
@@ -754,11 +776,16 @@ class SwarmBench:
 
     def series(self, lab, swarm, src, work, name, n, timeout):
         runs = []
+        size = src.stat().st_size
         for r in range(self.bench.runs):
             os.sync()
+            before = swarm.served_bytes()
             res = swarm_run(lab, swarm, src, work, name, n, r, timeout)
+            after = swarm.served_bytes()
             shown = (f"last {res.last():.1f} s, first {res.first():.1f} s" if res.ok
                      else res.note)
+            if before is not None and after is not None:
+                shown += f", the seeder sent {(after - before) / size:.2f} copies"
             print(f"  {name}  run {r + 1}/{self.bench.runs}: {shown}", file=sys.stderr)
             runs.append(res)
         return runs

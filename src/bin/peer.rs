@@ -85,8 +85,10 @@ struct Args {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     upload_limit: Option<u64>,
 
-    /// Most peers one download fetches from at once.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    /// Most peers one download fetches from at once (in a swarm, the more
+    /// of the others it sees, the fewer chunks it asks the seeder for that
+    /// another downloader already has).
+    #[arg(long, default_value_t = 16, value_name = "N")]
     max_peers: usize,
 
     /// Most peers served at once.

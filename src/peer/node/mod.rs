@@ -48,8 +48,11 @@ const SIGNALS: Token = Token(usize::MAX - 4);
 const HASH_SLICE: usize = 4 << 20;
 
 /// Queue more chunks on a serving connection only while less than this is
-/// waiting in user space: disk reads follow the socket's pace.
-const SEND_LOW_WATER: usize = 512 << 10;
+/// waiting in user space: disk reads follow the socket's pace, and a chunk
+/// is chosen (fresh first, then in turn) as late as possible. 16 downloaders
+/// of a 100 mbit seeder: 512 KiB 7.16 s, 128 KiB 6.94 s (medians of 3);
+/// one seeder to one downloader on loopback: 827 and 805 MB/s, the same.
+const SEND_LOW_WATER: usize = 128 << 10;
 
 /// A one-shot `get` fails this soon if the manager never answers (down,
 /// unreachable, or not a manager), rather than retrying while a user waits.

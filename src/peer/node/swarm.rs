@@ -22,8 +22,10 @@ use crate::wire::{FileName, FileSummary, Hash, MAX_HAVE_BATCH, Message};
 
 /// How long newly verified chunks wait to be announced: a fast download
 /// sends a `Have` per this much time (or per [`MAX_HAVE_BATCH`] chunks), not
-/// one per chunk.
-pub(super) const HAVE_DELAY: Duration = Duration::from_millis(100);
+/// one per chunk. Short, because until a downloader hears of a chunk it may
+/// ask the seeder for it: 16 downloaders of a 100 mbit seeder, 64 MiB, took
+/// the seeder's copies from 1.32 (100 ms) to 1.24-1.27 (25 ms).
+pub(super) const HAVE_DELAY: Duration = Duration::from_millis(25);
 
 /// Roots whose sent chunks are remembered at most; past it the memory
 /// starts afresh (it only orders requests, so forgetting is harmless).
