@@ -928,15 +928,22 @@ mod tests {
     }
 
     /// Two sealed ends of one loopback connection, handshake done.
-    fn sealed_pair() -> (Conn, Conn) {
+    /// Two ends of a loopback connection, not sealed.
+    fn open_pair() -> (Conn, Conn) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let client = std::net::TcpStream::connect(addr).unwrap();
         let (server, _) = listener.accept().unwrap();
         client.set_nonblocking(true).unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut a = Conn::new(TcpStream::from_std(client), addr);
-        let mut b = Conn::new(TcpStream::from_std(server), addr);
+        (
+            Conn::new(TcpStream::from_std(client), addr),
+            Conn::new(TcpStream::from_std(server), addr),
+        )
+    }
+
+    fn sealed_pair() -> (Conn, Conn) {
+        let (mut a, mut b) = open_pair();
         let keys = || Keys {
             network: noise::NetworkKey::from_bytes([9; 32]),
             identity: noise::Identity::generate().unwrap(),
@@ -970,27 +977,13 @@ mod tests {
 
     #[test]
     fn an_open_reader_reads_a_read_chunk_at_a_time_however_much_is_waiting() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        client.set_nonblocking(true).unwrap();
-        server.set_nonblocking(true).unwrap();
-        let a = Conn::new(TcpStream::from_std(client), addr);
-        let b = Conn::new(TcpStream::from_std(server), addr);
+        let (a, b) = open_pair();
         reads_a_read_chunk_at_a_time(a, b);
     }
 
     #[test]
     fn an_idle_connection_that_releases_its_buffers_holds_none() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        client.set_nonblocking(true).unwrap();
-        server.set_nonblocking(true).unwrap();
-        let mut a = Conn::new(TcpStream::from_std(client), addr);
-        let mut b = Conn::new(TcpStream::from_std(server), addr);
+        let (mut a, mut b) = open_pair();
         b.set_release_idle_buffers(true);
         b.set_accept(crate::wire::accept::MANAGER_CLIENT);
         a.send(&Message::Ping { nonce: 7 });
