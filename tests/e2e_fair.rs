@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,14 +36,7 @@ fn downloaders_of_one_capped_seeder_finish_together() {
     let start = Instant::now();
     let mut gets: Vec<Proc> = dirs
         .iter()
-        .map(|d| {
-            let mut cmd = Command::new(peer_bin());
-            cmd.arg("--dir")
-                .arg(d.path())
-                .args(["--manager", &manager.addr.to_string(), "-v", "get"])
-                .arg("fair.bin");
-            Proc::spawn_cmd(cmd)
-        })
+        .map(|d| spawn_peer(d.path(), manager.addr, &["get", "fair.bin"]))
         .collect();
     let mut finished = [None; 3];
     // 72 MiB at 8 MiB/s is 9 s; a generous bound for a loaded machine.
@@ -102,14 +94,7 @@ fn at_the_connection_cap_the_seeder_rotates_who_it_serves() {
     let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new().unwrap()).collect();
     let mut gets: Vec<Proc> = dirs
         .iter()
-        .map(|d| {
-            let mut cmd = Command::new(peer_bin());
-            cmd.arg("--dir")
-                .arg(d.path())
-                .args(["--manager", &manager.addr.to_string(), "-v", "get"])
-                .arg("rot.bin");
-            Proc::spawn_cmd(cmd)
-        })
+        .map(|d| spawn_peer(d.path(), manager.addr, &["get", "rot.bin"]))
         .collect();
     for (k, g) in gets.iter_mut().enumerate() {
         let status = g.wait_exit(Duration::from_secs(60));

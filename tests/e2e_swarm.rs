@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,12 +17,11 @@ const CAP_BYTES: f64 = 8.0 * MIB as f64;
 
 /// `peer --upload-limit CAP get --seed NAME`: stays to serve once done.
 fn spawn_seeding_get(dir: &Path, manager: std::net::SocketAddr, name: &str) -> Proc {
-    let mut cmd = Command::new(peer_bin());
-    cmd.arg("--dir")
-        .arg(dir)
-        .args(["--manager", &manager.to_string(), "-v"])
-        .args(["--upload-limit", CAP, "get", "--seed", name]);
-    Proc::spawn_cmd(cmd)
+    spawn_peer(
+        dir,
+        manager,
+        &["--upload-limit", CAP, "get", "--seed", name],
+    )
 }
 
 #[test]
@@ -122,15 +120,7 @@ fn a_peer_still_downloading_serves_what_it_has_and_refuses_the_rest_explicitly()
         raw::who_has_groups(manager.addr, "part.bin").len() == 1
     });
     let dl = TempDir::new().unwrap();
-    let mut cmd = Command::new(peer_bin());
-    cmd.arg("--dir").arg(dl.path()).args([
-        "--manager",
-        &manager.addr.to_string(),
-        "-v",
-        "get",
-        "part.bin",
-    ]);
-    let mut getter = Proc::spawn_cmd(cmd);
+    let mut getter = spawn_peer(dl.path(), manager.addr, &["get", "part.bin"]);
     let mut addr = None;
     wait_for(WAIT, "the downloader to serve", || {
         addr = getter

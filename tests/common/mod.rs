@@ -275,6 +275,17 @@ pub fn parse_peer_list(out: &str) -> Option<Vec<SocketAddr>> {
     })
 }
 
+/// Starts `peer --dir DIR --manager ADDR -v <args>` (a `get`, usually),
+/// returning the running process.
+pub fn spawn_peer(dir: &Path, manager: SocketAddr, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(peer_bin());
+    cmd.arg("--dir")
+        .arg(dir)
+        .args(["--manager", &manager.to_string(), "-v"])
+        .args(args);
+    Proc::spawn_cmd(cmd)
+}
+
 /// Runs `peer --manager ADDR <args>` to completion and returns its stdout.
 pub fn peer_oneshot(manager: SocketAddr, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(peer_bin())
