@@ -235,16 +235,21 @@ impl Node {
     /// limit has no tokens (the head keeps its turn for the next round).
     /// So the limit, and the sockets' own pace, are shared by bytes.
     pub(super) fn serve_round(&mut self, now: Instant) {
+        // No request is read during a round, so once no connection has a
+        // fresh one, none will until the next: the scan (connections x 32
+        // requests) is not repeated per chunk of a file already sent out.
+        let mut fresh_left = true;
         while let Some(id) = self.fair.head() {
             // A chunk sent to nobody yet goes first, whoever asked for it
             // (`SentChunks`); out of turn, so the round's shares stand.
-            if !self.has_fresh_request(id)
-                && let Some(other) = self.fresh_elsewhere()
-            {
-                match self.serve_turn(other, now, true) {
-                    Turn::Sent => continue,
-                    Turn::NoTokens => break,
-                    Turn::Over | Turn::Leave | Turn::Closed => {}
+            if fresh_left && !self.has_fresh_request(id) {
+                match self.fresh_elsewhere() {
+                    None => fresh_left = false,
+                    Some(other) => match self.serve_turn(other, now, true) {
+                        Turn::Sent => continue,
+                        Turn::NoTokens => break,
+                        Turn::Over | Turn::Leave | Turn::Closed => {}
+                    },
                 }
             }
             match self.serve_turn(id, now, false) {
