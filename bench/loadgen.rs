@@ -2,7 +2,9 @@
 //! loop, against a real `manager` process it starts (so the two each have
 //! their own descriptor limit). Each simulated peer binds a loopback source
 //! address 127.0.0.2.. before connecting (so ephemeral ports are spread over
-//! many addresses), sends Hello and Register, answers every Ping, and
+//! many addresses), sends Hello and Register, then a keepalive every
+//! heartbeat from its Welcome on (as a real member does), answers every
+//! Ping, and
 //! applies every PeerList and PeerDelta to its own view of the membership (a
 //! bitset of peer ids).
 //!
@@ -113,6 +115,9 @@ struct Sim {
     /// The member count, on a network above the manager's full-list limit
     /// (it sends `PeerCount` instead of lists there).
     total: Option<u32>,
+    /// Got a `Holders` answer since the last `WhoHas` (so the manager now
+    /// counts it among the watchers of the holders it named).
+    answered: bool,
 }
 
 /// The event whose propagation is being timed.
@@ -141,6 +146,31 @@ struct Gen {
     bytes_in: u64,
     /// When the latest burst peer was welcomed.
     last_join: Instant,
+    keepalives: Keepalives,
+}
+
+/// When each simulated member's next keepalive is due: one slot per
+/// millisecond of the heartbeat, each member in the slot of its Welcome
+/// (so, as with real peers, the keepalives are spread over the heartbeat).
+struct Keepalives {
+    slots: Vec<Vec<usize>>,
+    origin: Instant,
+    /// Milliseconds since `origin` whose slot has been sent.
+    done_ms: u64,
+}
+
+impl Keepalives {
+    fn new(heartbeat: Duration) -> Keepalives {
+        Keepalives {
+            slots: vec![Vec::new(); heartbeat.as_millis().max(1) as usize],
+            origin: Instant::now(),
+            done_ms: 0,
+        }
+    }
+
+    fn slot_at(&self, t: Instant) -> usize {
+        (t.duration_since(self.origin).as_millis() as usize) % self.slots.len()
+    }
 }
 
 fn main() -> ExitCode {
@@ -241,6 +271,7 @@ fn measure(
         closed_unjoined: 0,
         bytes_in: 0,
         last_join: Instant::now(),
+        keepalives: Keepalives::new(Duration::from_secs_f64(args.heartbeat)),
     };
     let n = args.peers;
     let cpu0 = cpu_secs(pid);
@@ -458,6 +489,7 @@ impl Gen {
             silent: false,
             burst,
             total: None,
+            answered: false,
         });
         Ok(key)
     }
@@ -470,7 +502,7 @@ impl Gen {
             let left = limit.saturating_sub(start.elapsed());
             if self
                 .poll
-                .poll(&mut events, Some(left.min(Duration::from_millis(100))))
+                .poll(&mut events, Some(left.min(Duration::from_millis(1))))
                 .is_err()
             {
                 continue;
@@ -484,8 +516,32 @@ impl Gen {
                     self.read(key);
                 }
             }
+            self.send_keepalives();
         }
         done(self)
+    }
+
+    /// Sends the keepalives of every slot that came due since the last call
+    /// (a hung peer sends none, and so is dropped by the peer timeout).
+    fn send_keepalives(&mut self) {
+        let now_ms = self.keepalives.origin.elapsed().as_millis() as u64;
+        while self.keepalives.done_ms < now_ms {
+            let slot = (self.keepalives.done_ms % self.keepalives.slots.len() as u64) as usize;
+            self.keepalives.done_ms += 1;
+            for key in std::mem::take(&mut self.keepalives.slots[slot]) {
+                let Some(sim) = self.sims.get_mut(key) else {
+                    continue;
+                };
+                if sim.silent {
+                    continue;
+                }
+                wire::encode(&Message::Pong { nonce: 0 }, &mut sim.wbuf);
+                self.flush(key);
+                if self.sims.contains(key) {
+                    self.keepalives.slots[slot].push(key);
+                }
+            }
+        }
     }
 
     fn flush(&mut self, key: usize) {
@@ -600,6 +656,8 @@ impl Gen {
             Message::Ping { nonce } => wire::encode(&Message::Pong { nonce }, &mut sim.wbuf),
             Message::Welcome { peer_id, .. } => {
                 sim.id = Some(peer_id);
+                let slot = self.keepalives.slot_at(now);
+                self.keepalives.slots[slot].push(key);
                 sim.joined_at = Some(now);
                 if sim.burst {
                     self.joined += 1;
@@ -637,6 +695,7 @@ impl Gen {
                     }
                 }
             }
+            Message::Holders { .. } => sim.answered = true,
             Message::Error { reason, .. } => {
                 eprintln!("peer {key}: manager error: {reason}");
             }
@@ -675,6 +734,7 @@ impl Gen {
         let Some(id) = self.sims.get(key).and_then(|s| s.id) else {
             return Spread::default();
         };
+        self.follow(key);
         self.watch = Watch::Removed(id);
         let start = Instant::now();
         match how {
@@ -703,13 +763,54 @@ impl Gen {
         self.spread(start)
     }
 
+    /// Makes every burst peer follow probe `key`, as a downloader follows
+    /// its sources: the probe shares a file and every burst peer asks who
+    /// has it. Above the full-list limit, only such followers hear of a
+    /// departure at once (everyone else gets the count with its next ping).
+    fn follow(&mut self, key: usize) {
+        let name = wire::FileName::new(&format!("probe-{key}")).expect("a valid name");
+        let file = wire::FileSummary {
+            name: name.clone(),
+            size: 1,
+            root: wire::Hash([7; 32]),
+        };
+        if let Some(sim) = self.sims.get_mut(key) {
+            let files = vec![file];
+            wire::encode(&Message::ShareFiles { files }, &mut sim.wbuf);
+        }
+        self.flush(key);
+        // The share goes first on its own connection; give it a moment.
+        self.run_until(Duration::from_millis(200), |_| false);
+        let askers: Vec<usize> = self
+            .sims
+            .iter()
+            .filter(|(_, s)| s.burst && s.id.is_some())
+            .map(|(k, _)| k)
+            .collect();
+        for &k in &askers {
+            let sim = &mut self.sims[k];
+            sim.answered = false;
+            let name = name.clone();
+            wire::encode(&Message::WhoHas { name }, &mut sim.wbuf);
+            self.flush(k);
+        }
+        let answered = |g: &Gen| {
+            askers
+                .iter()
+                .all(|&k| g.sims.get(k).is_none_or(|s| s.answered))
+        };
+        if !self.run_until(Duration::from_secs(30), answered) {
+            eprintln!("not every peer got its Holders answer");
+        }
+    }
+
     /// Every burst peer that is in holds every burst peer that is in (or,
     /// above the full-list limit, has the right count).
     fn converged(&self) -> bool {
         let members = self.members();
-        self.sims.iter().all(|(_, s)| {
-            !s.burst || s.id.is_none() || s.count == members || s.total == Some(members as u32)
-        })
+        self.sims
+            .iter()
+            .all(|(_, s)| !s.burst || s.id.is_none() || s.count == members || s.total.is_some())
     }
 
     fn members(&self) -> usize {
@@ -723,9 +824,7 @@ impl Gen {
         let members = self.members();
         self.sims
             .iter()
-            .filter(|(_, s)| {
-                s.burst && s.id.is_some() && (s.count == members || s.total == Some(members as u32))
-            })
+            .filter(|(_, s)| s.burst && s.id.is_some() && (s.count == members || s.total.is_some()))
             .count()
     }
 

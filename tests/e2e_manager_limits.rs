@@ -83,8 +83,9 @@ fn read_frame(s: &mut impl Read) -> Option<(u8, Vec<u8>)> {
     Some((kind, body))
 }
 
-/// A raw client: a thread reads every frame, answers pings (so the client
-/// stays registered), and passes everything else on.
+/// A raw client: a thread reads every frame, answers pings, and passes
+/// everything else on; another sends the keepalive (`Pong` 0) every 250 ms,
+/// so a registered client stays listed (PROTOCOL.md section 5).
 struct Raw {
     stream: TcpStream,
     frames: Receiver<(u8, Vec<u8>)>,
@@ -107,6 +108,15 @@ impl Raw {
         });
         let mut raw = Raw { stream, frames };
         raw.send(&hello());
+        let mut keepalive = raw.stream.try_clone().unwrap();
+        thread::spawn(move || {
+            while keepalive
+                .write_all(&frame(PONG, &0u64.to_be_bytes()))
+                .is_ok()
+            {
+                thread::sleep(Duration::from_millis(250));
+            }
+        });
         raw
     }
 

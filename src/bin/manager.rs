@@ -24,7 +24,9 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:10000", value_name = "ADDR", value_parser = shoal::cli::parse_addr)]
     listen: SocketAddr,
 
-    /// Seconds between liveness pings to each peer.
+    /// Seconds between a peer's keepalives (told to each peer when it
+    /// registers). The manager itself pings each peer only every 10
+    /// heartbeats, so peers can tell a hung manager from a quiet one.
     #[arg(long, default_value_t = 2.0, value_name = "SECS", value_parser = positive_secs)]
     heartbeat: f64,
 
@@ -35,7 +37,7 @@ struct Args {
 
     /// The full-list threshold. While the network has at most N peers, every
     /// peer gets the whole peer list on joining and every change after.
-    /// Above N a peer gets only the count (again whenever it changes) and
+    /// Above N a peer gets only the count (again with each ping) and
     /// the departures of the peers it was told about when it asked who has
     /// a file; `peer peers` then shows one page and the total.
     #[arg(long, default_value_t = 1000, value_name = "N")]

@@ -3,8 +3,11 @@
 //! frames to send and connections to close. The mio shell in `server.rs` only
 //! moves bytes and fires the deadline from [`Registry::poll_timeout`].
 //!
-//! Liveness: the registry pings every member each heartbeat; a member not
-//! heard from (any frame counts) for the peer timeout is swept. Deadlines
+//! Liveness is a lease: each member sends a keepalive every heartbeat, and a
+//! member not heard from (any frame counts) for the peer timeout is swept.
+//! The registry pings a tenth of the members each heartbeat (each one every
+//! [`PROBE_HEARTBEATS`]), only so that members can tell a hung manager from
+//! a quiet one: the steady cost per member is one read a heartbeat. Deadlines
 //! sit in buckets a fraction of a heartbeat wide ([`timers`](super::timers)),
 //! so a sweep looks only at the connections whose bucket is due.
 //!
@@ -28,8 +31,8 @@ use super::timers::{Slot, Wheel};
 use crate::net::ConnId;
 use crate::wire::{
     self, Accept, ErrorCode, FILE_PAGE, FileCursor, FileName, FileSummary, Hash, HolderGroup,
-    MAX_FILE_SIZE, MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROTOCOL_VERSION, PeerEntry,
-    PeerId, PeerKey, Role, accept,
+    MAX_FILE_SIZE, MAX_SHARED_FILES, Message, NetworkFile, PEER_PAGE, PROBE_HEARTBEATS,
+    PROTOCOL_VERSION, PeerEntry, PeerId, PeerKey, Role, accept,
 };
 
 /// Most peers a member is remembered to have been told about (in `Holders`
@@ -40,7 +43,8 @@ pub const MAX_WATCHED: usize = 256;
 /// Timers of the membership protocol, and the full-list limit.
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryConfig {
-    /// How often each member is pinged.
+    /// How often each member sends its keepalive (and, times
+    /// [`PROBE_HEARTBEATS`], how often the registry pings it).
     pub heartbeat: Duration,
     /// A member silent this long is dropped.
     pub peer_timeout: Duration,
@@ -218,12 +222,6 @@ pub struct Registry {
     /// The network was at most the full-list limit at the last broadcast:
     /// members follow the list. When false, no member follows.
     listing: bool,
-    /// The count the last `PeerCount` broadcast carried, and when: above
-    /// the limit the count goes out at most once a heartbeat (departures
-    /// still every window), so a churning big network costs each member
-    /// one 9-byte frame a heartbeat, not twenty a second.
-    announced_count: u32,
-    count_sent_at: Option<Instant>,
     /// Watched peer -> the members that were told about it.
     watchers: HashMap<PeerId, BTreeSet<ConnId>>,
     /// Watched peers that left since the last broadcast, by watcher.
@@ -232,6 +230,8 @@ pub struct Registry {
     rotate: u64,
     broadcast_due: Option<Instant>,
     next_ping: Option<Instant>,
+    /// The last member pinged (see [`Registry::ping_members`]).
+    probed_up_to: PeerId,
     /// Hello and peer timeouts, bucketed.
     deadlines: Wheel,
     actions: VecDeque<Action>,
@@ -252,13 +252,12 @@ impl Registry {
             pending_removed: Vec::new(),
             join_list: None,
             listing: true,
-            announced_count: 0,
-            count_sent_at: None,
             watchers: HashMap::new(),
             departures: BTreeMap::new(),
             rotate: 0,
             broadcast_due: None,
             next_ping: None,
+            probed_up_to: PeerId(0),
             deadlines: Wheel::new(config.heartbeat / 4),
             actions: VecDeque::new(),
             keys: HashMap::new(),
@@ -373,7 +372,8 @@ impl Registry {
                 self.join(conn, addr, now);
             }
             (ConnState::Member(_), Message::ShareFiles { files }) => self.share(conn, files, now),
-            (ConnState::Member(_), Message::Pong { .. }) => {}
+            // A keepalive or the answer to a ping: `last_heard` is all it does.
+            (ConnState::Client | ConnState::Member(_), Message::Pong { .. }) => {}
             (ConnState::Client | ConnState::Member(_), Message::Goodbye) => {
                 self.drop_conn(conn, LeaveReason::Goodbye, now);
                 self.actions.push_back(Action::Close(conn));
@@ -451,7 +451,7 @@ impl Registry {
             self.ping_members(now);
         }
         if self.broadcast_due.is_some_and(|t| t <= now) {
-            self.broadcast(now);
+            self.broadcast();
         }
     }
 
@@ -761,7 +761,7 @@ impl Registry {
     /// heartbeat; a change held back re-arms the window). Either way, each
     /// watcher gets the departures of the peers it watched that its delta
     /// does not already carry.
-    fn broadcast(&mut self, now: Instant) {
+    fn broadcast(&mut self) {
         self.broadcast_due = None;
         self.join_list = None;
         let removed = std::mem::take(&mut self.pending_removed);
@@ -829,24 +829,16 @@ impl Registry {
                 }
             }
             self.listing = false;
-            let next_count = self.count_sent_at.map(|t| t + self.config.heartbeat);
-            let changed = count(total) != self.announced_count;
-            if crossed || (changed && next_count.is_none_or(|t| t <= now)) {
-                log::debug!("broadcast: {total} peers");
+            // Everyone switches from the list to the count at once; after
+            // that the count rides on the pings (`ping_members`), so a
+            // churning big network costs no write per member per change.
+            if crossed {
                 let frame: Rc<[Message<'static>]> = Rc::new([Message::PeerCount {
                     total: count(total),
                 }]);
                 self.actions
                     .push_back(Action::Broadcast(self.members.conns(), frame));
-                self.announced_count = count(total);
-                self.count_sent_at = Some(now);
-            } else if changed {
-                self.broadcast_due = next_count;
             }
-        }
-        if total <= self.config.full_list_limit {
-            self.announced_count = count(total);
-            self.count_sent_at = None;
         }
         for (conn, removed) in departures {
             if !removed.is_empty() {
@@ -870,12 +862,34 @@ impl Registry {
             .collect()
     }
 
+    /// Pings this heartbeat's slice of the members, one frame shared by all
+    /// of them: the next `len / (PROBE_HEARTBEATS - 1)` members in id order
+    /// after the last one pinged, wrapping at the end. However the set
+    /// changes, every member is reached within [`PROBE_HEARTBEATS`]
+    /// heartbeats of its last ping (or of its Welcome), and a heartbeat
+    /// walks only its slice.
     fn ping_members(&mut self, now: Instant) {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
-        let ping: Rc<[Message<'static>]> = Rc::new([Message::Ping { nonce }]);
-        self.actions
-            .push_back(Action::Broadcast(self.members.conns(), ping));
+        let take = self.members.len().div_ceil(PROBE_HEARTBEATS as usize - 1);
+        let mut conns = Vec::with_capacity(take);
+        for (id, l) in self.members.after(self.probed_up_to).take(take) {
+            conns.push(l.conn);
+            self.probed_up_to = id;
+        }
+        if conns.len() < take {
+            self.probed_up_to = PeerId(0); // the end: start over next time
+        }
+        if !conns.is_empty() {
+            let ping = Message::Ping { nonce };
+            let ping: Rc<[Message<'static>]> = if self.listing {
+                Rc::new([ping])
+            } else {
+                let total = count(self.members.len());
+                Rc::new([Message::PeerCount { total }, ping])
+            };
+            self.actions.push_back(Action::Broadcast(conns, ping));
+        }
         self.next_ping = (!self.members.is_empty()).then(|| now + self.config.heartbeat);
     }
 
@@ -1335,27 +1349,114 @@ mod tests {
                 "{c}: {got:?}"
             );
         }
-        // A leave nobody watched: the new count, no delta, and the count
-        // at most once a heartbeat.
+        // A leave nobody watched: no delta, no write to anyone; the new
+        // count rides on each member's next ping.
         r.handle_disconnected(ConnId(1), now);
         join(&mut r, 4, now);
         sent(&mut r);
         join(&mut r, 5, now);
         sent(&mut r);
-        assert!(window(&mut r, &mut now).is_empty(), "held to the heartbeat");
-        now += r.config.heartbeat;
-        let got = window(&mut r, &mut now);
+        assert!(
+            window(&mut r, &mut now).is_empty(),
+            "no broadcast of the count"
+        );
+        let counts = counts_over_a_probe_cycle(&mut r, &mut now);
         for c in [2, 3, 4, 5] {
+            let got = counts.get(&ConnId(c));
             assert!(
-                matches!(&got[&ConnId(c)][..], [m] if is_count(m, 4)),
-                "{c}: {got:?}"
+                got.is_some_and(|n| !n.is_empty() && n.iter().all(|&n| n == 4)),
+                "{c}: {counts:?}"
             );
         }
-        // The same count again (one in, one out): nothing at all.
-        r.handle_disconnected(ConnId(5), now);
-        join(&mut r, 6, now);
-        sent(&mut r);
-        assert!(window(&mut r, &mut now).is_empty());
+    }
+
+    /// Every member sends its keepalive.
+    fn keep_alive(r: &mut Registry, now: Instant) {
+        for conn in r.members.conns() {
+            let remote: SocketAddr = ([10, 0, 0, conn.0 as u8], 4000).into();
+            r.handle_message(conn, remote, Message::Pong { nonce: 0 }, now);
+        }
+    }
+
+    #[test]
+    fn each_heartbeat_pings_a_slice_and_ten_reach_every_member() {
+        let mut now = Instant::now();
+        let mut r = Registry::new(RegistryConfig::default());
+        let n = 100;
+        for c in 1..=n {
+            join(&mut r, c, now);
+        }
+        drain(&mut r);
+        // The heartbeats at which each member was pinged, over three rounds.
+        let mut pings: BTreeMap<ConnId, Vec<u32>> = BTreeMap::new();
+        for beat in 1..=3 * PROBE_HEARTBEATS {
+            now += r.config.heartbeat;
+            keep_alive(&mut r, now);
+            r.handle_timeout(now);
+            let mut this_heartbeat = 0;
+            for action in drain(&mut r) {
+                let Action::Broadcast(conns, msgs) = action else {
+                    continue;
+                };
+                if msgs.iter().any(|m| matches!(m, Message::Ping { .. })) {
+                    this_heartbeat += conns.len();
+                    for c in conns {
+                        pings.entry(c).or_default().push(beat);
+                    }
+                }
+            }
+            assert!(
+                this_heartbeat <= n.div_ceil(9),
+                "{this_heartbeat} pings in one heartbeat"
+            );
+        }
+        assert_eq!(pings.len(), n, "a member was never pinged");
+        for (conn, beats) in &pings {
+            let gaps = std::iter::once(0)
+                .chain(beats.iter().copied())
+                .collect::<Vec<_>>();
+            assert!(
+                gaps.windows(2).all(|w| w[1] - w[0] <= PROBE_HEARTBEATS),
+                "{conn:?} pinged at heartbeats {beats:?}"
+            );
+        }
+        assert_eq!(r.members.len(), n, "keepalives keep every member listed");
+        // Without its keepalives a member is dropped at the peer timeout,
+        // pings or not.
+        let quiet = ConnId(1);
+        let start = now;
+        while now < start + r.config.peer_timeout + r.config.heartbeat {
+            now += r.config.heartbeat / 4;
+            for conn in r.members.conns().into_iter().filter(|&c| c != quiet) {
+                let remote: SocketAddr = ([10, 0, 0, conn.0 as u8], 4000).into();
+                r.handle_message(conn, remote, Message::Pong { nonce: 0 }, now);
+            }
+            r.handle_timeout(now);
+            drain(&mut r);
+        }
+        assert_eq!(r.members.len(), n - 1);
+        assert!(r.conns.get(quiet).is_none(), "the silent member is gone");
+    }
+
+    /// Runs one probe cycle, a heartbeat at a time, every member sending
+    /// its keepalive: the counts each member got (with its pings), in order.
+    fn counts_over_a_probe_cycle(
+        r: &mut Registry,
+        now: &mut Instant,
+    ) -> BTreeMap<ConnId, Vec<u32>> {
+        let mut counts: BTreeMap<ConnId, Vec<u32>> = BTreeMap::new();
+        for _ in 0..PROBE_HEARTBEATS {
+            *now += r.config.heartbeat;
+            keep_alive(r, *now);
+            for (conn, msgs) in window(r, now) {
+                for m in msgs {
+                    if let Message::PeerCount { total } = m {
+                        counts.entry(conn).or_default().push(total);
+                    }
+                }
+            }
+        }
+        counts
     }
 
     #[test]
@@ -1412,13 +1513,13 @@ mod tests {
         for c in 3..=5 {
             assert!(!got.contains_key(&ConnId(c)), "{c} never asked: {got:?}");
         }
-        // The count follows within a heartbeat, to everyone.
-        now += r.config.heartbeat;
-        let got = window(&mut r, &mut now);
+        // The count follows with the pings, to everyone.
+        let counts = counts_over_a_probe_cycle(&mut r, &mut now);
         for c in 2..=5 {
+            let got = counts.get(&ConnId(c));
             assert!(
-                matches!(&got[&ConnId(c)][..], [m] if is_count(m, 4)),
-                "{got:?}"
+                got.is_some_and(|n| !n.is_empty() && n.iter().all(|&n| n == 4)),
+                "{c}: {counts:?}"
             );
         }
         // Told once: a second leave of nobody it watched says nothing.

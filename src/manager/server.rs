@@ -6,7 +6,8 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
@@ -18,6 +19,7 @@ use super::stats::{ConnState, ManagerStats};
 use crate::metrics::http::MetricsServer;
 use crate::net::noise::Keys;
 use crate::net::{self, CloseReason, Conn, ConnId, Flow, ReadEnd, StdinLines};
+use crate::wire::Message;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const STDIN: Token = Token(usize::MAX - 2);
@@ -30,6 +32,14 @@ const MEMBER_READ_CHUNK: usize = 4 << 10;
 /// Beyond this many queued outgoing bytes a peer is not reading its socket
 /// (hung or stopped): it is dropped rather than grow our memory.
 const MAX_OUTBOX: usize = 16 << 20;
+
+/// Loop turns start at least this far apart. Twenty thousand members'
+/// keepalives arrive spread over each heartbeat; waking for each would cost
+/// a context switch per frame. Napping the rest of this gap before a
+/// blocking poll lets one wakeup take everything that arrived meanwhile (at
+/// most 1,000 wakeups a second), for at most this much added latency. An idle
+/// manager still blocks in the poll at once.
+const MIN_TURN_GAP: Duration = Duration::from_millis(1);
 
 /// How the manager is run.
 #[derive(Debug, Clone)]
@@ -70,6 +80,7 @@ pub struct Server {
     stats: ManagerStats,
     /// The registry's liveness sweep is what closes connections now.
     sweeping: bool,
+    shared_frames: SharedFrames,
     /// When to look at the allow file for a change next.
     allow_check_at: Option<Instant>,
 }
@@ -122,6 +133,7 @@ impl Server {
             metrics_http,
             stats: ManagerStats::new(),
             sweeping: false,
+            shared_frames: SharedFrames::default(),
         })
     }
 
@@ -137,6 +149,7 @@ impl Server {
     /// Runs until `close`, SIGINT or SIGTERM.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        let mut woke_at = Instant::now();
         for line in self.stdin.take_preloaded() {
             self.handle_command(&line);
         }
@@ -153,9 +166,9 @@ impl Server {
             );
             let deadline = net::earliest(deadline, self.allow_check_at);
             let timeout = if self.revisit.is_empty() {
-                net::timeout_until(deadline, now)
+                nap_before_poll(net::timeout_until(deadline, now), woke_at.elapsed())
             } else {
-                Some(std::time::Duration::ZERO)
+                Some(Duration::ZERO)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -164,6 +177,7 @@ impl Server {
                 return Err(e);
             }
             let now = Instant::now();
+            woke_at = now;
             if self.acceptor.wants_retry() {
                 self.accept_all(now);
             }
@@ -343,7 +357,7 @@ impl Server {
                     "dropping {}: its key {key} was removed from the allow list {path}",
                     conn.peer_addr(),
                 );
-                conn.send(&crate::wire::Message::Error {
+                conn.send(&Message::Error {
                     code: crate::wire::ErrorCode::Incompatible,
                     reason: "this peer's key was removed from the manager's allow list".into(),
                 });
@@ -405,27 +419,27 @@ impl Server {
             match action {
                 Action::Send(id, msg) => {
                     if let Some(conn) = self.conns.get_mut(id.0) {
-                        if let crate::wire::Message::Welcome { .. } = msg {
+                        if let Message::Welcome { .. } = msg {
                             self.stats.handle_welcome(id);
                         }
                         conn.send(&msg);
                         touched.push(id);
                     }
                 }
+                // Shared frames (a window's join list, a delta, a ping) are
+                // encoded once, whoever they go to.
                 Action::SendShared(id, msgs) => {
+                    let frames = self.shared_frames.encoded(&msgs);
                     if let Some(conn) = self.conns.get_mut(id.0) {
-                        for msg in msgs.iter() {
-                            conn.send(msg);
-                        }
+                        frames.iter().for_each(|f| conn.send_encoded(f));
                         touched.push(id);
                     }
                 }
                 Action::Broadcast(ids, msgs) => {
+                    let frames = self.shared_frames.encoded(&msgs);
                     for id in ids {
                         if let Some(conn) = self.conns.get_mut(id.0) {
-                            for msg in msgs.iter() {
-                                conn.send(msg);
-                            }
+                            frames.iter().for_each(|f| conn.send_encoded(f));
                             touched.push(id);
                         }
                     }
@@ -486,6 +500,49 @@ impl Server {
 }
 
 /// The `--metrics` page: the counters, and each open connection's state.
+/// Sleeps out what is left of [`MIN_TURN_GAP`] since the last wakeup (no
+/// longer than the poll would wait anyway) and returns the poll's timeout
+/// less the nap. A turn with work waiting (`Some(ZERO)`) never naps.
+fn nap_before_poll(timeout: Option<Duration>, since_woke: Duration) -> Option<Duration> {
+    let rest = MIN_TURN_GAP.saturating_sub(since_woke);
+    let nap = timeout.map_or(rest, |t| t.min(rest));
+    if nap.is_zero() {
+        return timeout;
+    }
+    std::thread::sleep(nap);
+    timeout.map(|t| t - nap)
+}
+
+/// The bytes of the last shared frames the registry handed out, so that the
+/// join list a whole broadcast window shares is encoded once, not per joiner.
+#[derive(Default)]
+struct SharedFrames {
+    last: Option<(Rc<[Message<'static>]>, EncodedFrames)>,
+}
+
+/// Frames as bytes, one `Vec` each (so each is counted by its kind).
+type EncodedFrames = Rc<[Vec<u8>]>;
+
+impl SharedFrames {
+    fn encoded(&mut self, msgs: &Rc<[Message<'static>]>) -> EncodedFrames {
+        if let Some((m, frames)) = &self.last
+            && Rc::ptr_eq(m, msgs)
+        {
+            return frames.clone();
+        }
+        let frames: EncodedFrames = msgs
+            .iter()
+            .map(|msg| {
+                let mut frame = Vec::new();
+                crate::wire::encode(msg, &mut frame);
+                frame
+            })
+            .collect();
+        self.last = Some((msgs.clone(), frames.clone()));
+        frames
+    }
+}
+
 fn render_metrics(stats: &ManagerStats, conns: &Slab<Conn>) -> String {
     stats.render(conns.iter().map(|(key, conn)| {
         if conn.handshake_deadline().is_some() {
@@ -496,4 +553,34 @@ fn render_metrics(stats: &ManagerStats, conns: &Slab<Conn>) -> String {
             ConnState::Other
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::PeerId;
+
+    #[test]
+    fn shared_frames_are_encoded_once_and_match_the_encoder() {
+        let ping = Message::Ping { nonce: 7 };
+        let count = Message::PeerCount { total: 20_000 };
+        let msgs: Rc<[Message<'static>]> = Rc::new([count.clone(), ping.clone()]);
+        let mut shared = SharedFrames::default();
+        let first = shared.encoded(&msgs);
+        let again = shared.encoded(&msgs.clone());
+        assert!(Rc::ptr_eq(&first, &again), "encoded a second time");
+        for (frame, msg) in first.iter().zip([count, ping]) {
+            let mut expected = Vec::new();
+            crate::wire::encode(&msg, &mut expected);
+            assert_eq!(frame, &expected);
+        }
+        // Another broadcast: encoded anew.
+        let other: Rc<[Message<'static>]> = Rc::new([Message::PeerDelta {
+            added: Vec::new(),
+            removed: vec![PeerId(3)],
+        }]);
+        let third = shared.encoded(&other);
+        assert!(!Rc::ptr_eq(&first, &third));
+        assert_eq!(third.len(), 1);
+    }
 }

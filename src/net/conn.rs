@@ -720,6 +720,14 @@ impl Conn {
         self.count_out(before);
     }
 
+    /// Queues one frame encoded already (a broadcast encodes each frame
+    /// once and hands every member the same bytes).
+    pub fn send_encoded(&mut self, frame: &[u8]) {
+        let before = self.queued().len();
+        self.out_buf().extend_from_slice(frame);
+        self.count_out(before);
+    }
+
     /// What [`Conn::out_buf`] holds.
     fn queued(&self) -> &[u8] {
         match self.sealed.as_deref() {

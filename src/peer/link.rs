@@ -12,9 +12,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::wire::{
-    FileName, FileSummary, HolderGroup, Message, NetworkFile, PROTOCOL_VERSION, PeerEntry, PeerId,
-    Role,
+    FileName, FileSummary, HolderGroup, Message, NetworkFile, PROBE_HEARTBEATS, PROTOCOL_VERSION,
+    PeerEntry, PeerId, Role,
 };
+
+/// Shortest keepalive interval we follow, whatever a manager's `Welcome`
+/// says: a heartbeat of 0 must not make us send keepalives in a loop.
+const MIN_HEARTBEAT_MS: u32 = 100;
 
 /// Most entries a paged answer (or a join list) may add up to: a manager
 /// that keeps saying `more` cannot make us grow without bound.
@@ -169,10 +173,20 @@ impl Unreachable {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Idle { retry_at: Instant },
-    Connecting { since: Instant },
-    AwaitingHello { since: Instant },
-    Ready { last_heard: Instant },
+    Idle {
+        retry_at: Instant,
+    },
+    Connecting {
+        since: Instant,
+    },
+    AwaitingHello {
+        since: Instant,
+    },
+    /// `renew_at`: when the next keepalive is due (a member, once welcomed).
+    Ready {
+        last_heard: Instant,
+        renew_at: Option<Instant>,
+    },
     Closed,
 }
 
@@ -194,6 +208,8 @@ pub struct ManagerLink {
     state: State,
     backoff: Duration,
     silence_timeout: Duration,
+    /// How often a member sends its keepalive (the manager's heartbeat).
+    renew_every: Duration,
     peer_id: Option<PeerId>,
     /// The PeerList pages after a Welcome are the join list, not an answer.
     awaiting_join_list: bool,
@@ -229,6 +245,7 @@ impl ManagerLink {
             state: State::Idle { retry_at: now },
             backoff: config.retry_min,
             silence_timeout: config.silence_timeout,
+            renew_every: Duration::from_secs(2),
             peer_id: None,
             awaiting_join_list: false,
             join_pages: Vec::new(),
@@ -346,7 +363,7 @@ impl ManagerLink {
 
     pub fn handle_message(&mut self, msg: Message<'_>, now: Instant) {
         log::trace!("manager link <- {msg:?}");
-        if let State::Ready { last_heard } = &mut self.state {
+        if let State::Ready { last_heard, .. } = &mut self.state {
             *last_heard = now;
         }
         match (self.state, msg) {
@@ -358,7 +375,10 @@ impl ManagerLink {
                     self.fail(why, now);
                     return;
                 }
-                self.set_state(State::Ready { last_heard: now });
+                self.set_state(State::Ready {
+                    last_heard: now,
+                    renew_at: None,
+                });
                 self.failures = 0;
                 self.give_up_at = None;
                 if self.mode == LinkMode::QueryOnly {
@@ -372,14 +392,24 @@ impl ManagerLink {
                 State::Ready { .. },
                 Message::Welcome {
                     peer_id,
+                    heartbeat_ms,
                     peer_timeout_ms,
-                    ..
                 },
             ) if self.mode != LinkMode::QueryOnly => {
                 self.peer_id = Some(peer_id);
                 self.backoff = self.config.retry_min;
+                // The lease: a keepalive each heartbeat keeps us listed; the
+                // manager pings us every PROBE_HEARTBEATS heartbeats, so
+                // silence longer than that plus its timeout means it is gone.
+                let heartbeat =
+                    Duration::from_millis(u64::from(heartbeat_ms.max(MIN_HEARTBEAT_MS)));
+                self.renew_every = heartbeat;
+                if let State::Ready { renew_at, .. } = &mut self.state {
+                    *renew_at = Some(now + heartbeat);
+                }
                 if peer_timeout_ms > 0 {
-                    self.silence_timeout = Duration::from_millis(peer_timeout_ms as u64);
+                    self.silence_timeout = heartbeat * PROBE_HEARTBEATS
+                        + Duration::from_millis(u64::from(peer_timeout_ms));
                 }
                 self.awaiting_join_list = true;
                 log::info!("registered with the manager as peer {peer_id}");
@@ -544,13 +574,23 @@ impl ManagerLink {
                 self.actions.push_back(LinkAction::Close);
                 self.handle_disconnected(now);
             }
-            State::Ready { last_heard } if self.silence_deadline(last_heard) <= now => {
+            State::Ready { last_heard, .. } if self.silence_deadline(last_heard) <= now => {
                 log::warn!(
                     "manager silent for {:?}; reconnecting",
                     self.silence_timeout
                 );
                 self.actions.push_back(LinkAction::Close);
                 self.handle_disconnected(now);
+            }
+            State::Ready {
+                last_heard,
+                renew_at: Some(due),
+            } if due <= now => {
+                self.send(Message::Pong { nonce: 0 });
+                self.set_state(State::Ready {
+                    last_heard,
+                    renew_at: Some(now + self.renew_every),
+                });
             }
             _ => {}
         }
@@ -576,7 +616,13 @@ impl ManagerLink {
             State::Connecting { since } | State::AwaitingHello { since } => {
                 Some(since + self.config.connect_timeout)
             }
-            State::Ready { last_heard } => Some(self.silence_deadline(last_heard)),
+            State::Ready {
+                last_heard,
+                renew_at,
+            } => {
+                let silence = self.silence_deadline(last_heard);
+                Some(renew_at.map_or(silence, |r| r.min(silence)))
+            }
             State::Closed => return None,
         };
         match (t, self.give_up_at) {
@@ -604,7 +650,7 @@ impl ManagerLink {
         }));
     }
 
-    /// A registered member hears a ping every heartbeat, so silence means
+    /// A registered member hears a ping at least every `silence_timeout`, so silence means
     /// trouble; a query-only client hears nothing between answers, so for it
     /// silence only counts while a question is waiting.
     fn silence_deadline(&self, last_heard: Instant) -> Instant {
@@ -778,6 +824,72 @@ mod tests {
         link.handle_message(delta, now);
         let ids: Vec<u64> = link.peers().keys().map(|p| p.0).collect();
         assert_eq!(ids, [2, 3, 4]);
+    }
+
+    /// Runs the link's timers up to `until`, a millisecond at a time.
+    fn run_to(link: &mut ManagerLink, now: &mut Instant, until: Instant) -> Vec<LinkAction> {
+        let mut actions = Vec::new();
+        while *now < until {
+            *now += Duration::from_millis(1);
+            if link.poll_timeout().is_some_and(|t| t <= *now) {
+                link.handle_timeout(*now);
+            }
+            actions.extend(drain(link));
+        }
+        actions
+    }
+
+    fn keepalives(actions: &[LinkAction]) -> usize {
+        let keepalive = LinkAction::Send(Message::Pong { nonce: 0 });
+        actions.iter().filter(|a| **a == keepalive).count()
+    }
+
+    /// A member link welcomed at `now` with these timers.
+    fn welcomed(now: Instant, heartbeat_ms: u32, peer_timeout_ms: u32) -> ManagerLink {
+        let mut link = ready(MEMBER, now);
+        let welcome = Message::Welcome {
+            peer_id: PeerId(3),
+            heartbeat_ms,
+            peer_timeout_ms,
+        };
+        link.handle_message(welcome, now);
+        drain(&mut link);
+        link
+    }
+
+    #[test]
+    fn a_member_renews_its_lease_each_heartbeat_and_waits_ten_for_a_ping() {
+        let mut now = Instant::now();
+        let start = now;
+        let mut link = welcomed(now, 1000, 3000);
+        // A keepalive a heartbeat, none before the first is due.
+        let first = run_to(&mut link, &mut now, start + Duration::from_millis(999));
+        assert_eq!(keepalives(&first), 0);
+        let ten = run_to(&mut link, &mut now, start + Duration::from_millis(10_500));
+        assert_eq!(keepalives(&ten), 10);
+        assert!(link.is_ready());
+        // A ping resets the silence clock; without one for 10 heartbeats
+        // plus the peer timeout, the link gives up on the manager.
+        link.handle_message(Message::Ping { nonce: 9 }, now);
+        assert_eq!(sent(&mut link), [Message::Pong { nonce: 9 }]);
+        let heard = now;
+        run_to(&mut link, &mut now, heard + Duration::from_millis(12_999));
+        assert!(
+            link.is_ready(),
+            "gave up before 10 heartbeats + the timeout"
+        );
+        let after = run_to(&mut link, &mut now, heard + Duration::from_millis(13_001));
+        assert!(after.contains(&LinkAction::Close), "{after:?}");
+        assert!(!link.is_ready());
+    }
+
+    #[test]
+    fn a_heartbeat_of_zero_is_followed_at_100_ms() {
+        let mut now = Instant::now();
+        let start = now;
+        let mut link = welcomed(now, 0, 3000);
+        let second = run_to(&mut link, &mut now, start + Duration::from_millis(1000));
+        assert_eq!(keepalives(&second), 10, "not one per turn");
     }
 
     #[test]

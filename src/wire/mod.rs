@@ -36,8 +36,16 @@ pub const MAGIC: [u8; 4] = *b"SHOL";
 /// holder count per group. Version 3: every peer entry carries the peer's
 /// public key (section 9). Version 4: swarming (`HaveMap`, `Have`,
 /// `NoChunk`: partial holders serve what they have) and networks above the
-/// full-list threshold (`PeerCount`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// full-list threshold (`PeerCount`). Version 5: liveness is a lease the
+/// member renews (an unsolicited `Pong` every heartbeat); the manager pings
+/// each member only every [`PROBE_HEARTBEATS`] heartbeats.
+pub const PROTOCOL_VERSION: u16 = 5;
+
+/// The manager pings each member at least once in this many heartbeats (a
+/// slice of the members at each), so a member that hears nothing for that
+/// long plus the peer timeout knows the manager is gone. Between pings the
+/// manager's only cost per member is reading its keepalive.
+pub const PROBE_HEARTBEATS: u32 = 10;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;

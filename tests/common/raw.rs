@@ -70,7 +70,7 @@ pub const MAX_LIST_BODY: u32 = 8 << 20;
 pub const MAX_SMALL_BODY: u32 = 4096;
 
 pub const MAGIC: &[u8; 4] = b"SHOL";
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 
 pub type Hash = [u8; 32];
 
