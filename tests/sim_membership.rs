@@ -710,6 +710,31 @@ fn three_peers_join_and_agree_on_the_list() {
 }
 
 #[test]
+fn keepalives_keep_members_listed_and_sparse_pings_keep_links_connected() {
+    let mut sim = Sim::new(11);
+    let links: Vec<usize> = (0..5).map(|_| sim.add_member()).collect();
+    sim.run_for(Duration::from_secs(1));
+    let ids: Vec<PeerId> = links.iter().map(|&i| sim.id(i)).collect();
+    let cfg = sim.registry_config;
+    // Far longer than the peer timeout and than a member's silence timeout
+    // would be if it still expected a ping every heartbeat; nothing but
+    // keepalives and the manager's sparse pings on the wire.
+    sim.run_for(cfg.heartbeat * 30);
+    for (&i, &id) in links.iter().zip(&ids) {
+        assert_eq!(sim.id(i), id, "link {i} re-registered");
+        assert_eq!(sim.links[i].connects.len(), 1, "link {i} reconnected");
+        let conn = sim.links[i].conn.expect("connected");
+        let heard = sim.now.duration_since(sim.last_heard[&conn]);
+        assert!(
+            heard <= cfg.heartbeat + sim.max_delay(),
+            "link {i} last heard {heard:?} ago: no keepalives"
+        );
+    }
+    assert_eq!(sim.registry_peers().len(), links.len());
+    sim.assert_converged("after 30 heartbeats");
+}
+
+#[test]
 fn goodbye_removes_a_peer_at_once() {
     let mut sim = Sim::new(2);
     let links: Vec<usize> = (0..3).map(|_| sim.add_member()).collect();

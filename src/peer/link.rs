@@ -366,27 +366,10 @@ impl ManagerLink {
         if let State::Ready { last_heard, .. } = &mut self.state {
             *last_heard = now;
         }
+        let member = self.mode != LinkMode::QueryOnly;
         match (self.state, msg) {
             (State::AwaitingHello { .. }, Message::Hello { version, role }) => {
-                if version != PROTOCOL_VERSION || role != Role::Manager {
-                    let why = format!(
-                        "the manager speaks protocol {version} as {role:?}; this peer needs {PROTOCOL_VERSION}"
-                    );
-                    self.fail(why, now);
-                    return;
-                }
-                self.set_state(State::Ready {
-                    last_heard: now,
-                    renew_at: None,
-                });
-                self.failures = 0;
-                self.give_up_at = None;
-                if self.mode == LinkMode::QueryOnly {
-                    self.backoff = self.config.retry_min;
-                }
-                while let Some(q) = self.queued.pop_front() {
-                    self.send_query(q);
-                }
+                self.on_hello(version, role, now);
             }
             (
                 State::Ready { .. },
@@ -395,58 +378,12 @@ impl ManagerLink {
                     heartbeat_ms,
                     peer_timeout_ms,
                 },
-            ) if self.mode != LinkMode::QueryOnly => {
-                self.peer_id = Some(peer_id);
-                self.backoff = self.config.retry_min;
-                // The lease: a keepalive each heartbeat keeps us listed; the
-                // manager pings us every PROBE_HEARTBEATS heartbeats, so
-                // silence longer than that plus its timeout means it is gone.
-                let heartbeat =
-                    Duration::from_millis(u64::from(heartbeat_ms.max(MIN_HEARTBEAT_MS)));
-                self.renew_every = heartbeat;
-                if let State::Ready { renew_at, .. } = &mut self.state {
-                    *renew_at = Some(now + heartbeat);
-                }
-                if peer_timeout_ms > 0 {
-                    self.silence_timeout = heartbeat * PROBE_HEARTBEATS
-                        + Duration::from_millis(u64::from(peer_timeout_ms));
-                }
-                self.awaiting_join_list = true;
-                log::info!("registered with the manager as peer {peer_id}");
-                self.event(LinkEvent::Registered(peer_id));
-            }
+            ) if member => self.on_welcome(peer_id, heartbeat_ms, peer_timeout_ms, now),
             (State::Ready { .. }, Message::PeerList { peers, more }) if self.awaiting_join_list => {
-                self.join_pages.extend(peers);
-                if self.join_pages.len() > MAX_LISTED {
-                    return self.protocol_error("a join list over the limit", now);
-                }
-                if !more {
-                    self.awaiting_join_list = false;
-                    self.total = None;
-                    let pages = std::mem::take(&mut self.join_pages);
-                    let old = std::mem::take(&mut self.peers);
-                    self.peers = pages.into_iter().map(|p| (p.id, p.addr)).collect();
-                    let left: Vec<PeerId> = old
-                        .into_keys()
-                        .filter(|id| !self.peers.contains_key(id))
-                        .collect();
-                    if !left.is_empty() {
-                        self.event(LinkEvent::PeersLeft(left));
-                    }
-                }
+                self.on_join_page(peers, more, now);
             }
-            (State::Ready { .. }, Message::PeerCount { total })
-                if self.mode != LinkMode::QueryOnly =>
-            {
-                // Above the limit: the count instead of the list (also in
-                // place of a join list).
-                if self.total.is_none() {
-                    log::info!("the network has {total} peers; following the count, not the list");
-                }
-                self.total = Some(total);
-                self.awaiting_join_list = false;
-                self.join_pages.clear();
-                self.peers.clear();
+            (State::Ready { .. }, Message::PeerCount { total }) if member => {
+                self.on_peer_count(total);
             }
             (State::Ready { .. }, Message::PeerCount { total }) if matches!(self.in_flight.front(), Some(Pending::Peers(got, None)) if got.is_empty()) => {
                 if let Some(Pending::Peers(_, t)) = self.in_flight.front_mut() {
@@ -454,76 +391,19 @@ impl ManagerLink {
                 }
             }
             (State::Ready { .. }, Message::PeerDelta { added, removed }) => {
-                if self.total.is_some() && !added.is_empty() {
-                    // Back at or under the limit: the whole set, as additions.
-                    log::info!("the network is small again; following the list");
-                    self.total = None;
-                }
-                for id in &removed {
-                    self.peers.remove(id);
-                }
-                if self.total.is_none() {
-                    for p in added {
-                        self.peers.insert(p.id, p.addr);
-                    }
-                }
-                if !removed.is_empty() {
-                    self.event(LinkEvent::PeersLeft(removed));
-                }
+                self.on_delta(added, removed);
             }
             (State::Ready { .. }, Message::Ping { nonce }) => self.send(Message::Pong { nonce }),
             (State::Ready { .. }, Message::Pong { .. }) => {}
             (State::Ready { .. }, Message::PeerList { peers, more })
                 if matches!(self.in_flight.front(), Some(Pending::Peers(..))) =>
             {
-                let Some(Pending::Peers(mut got, total)) = self.in_flight.pop_front() else {
-                    return; // just matched
-                };
-                // A big network: one page and the count, not every page.
-                if let Some(total) = total.or(self.total) {
-                    return self.event(LinkEvent::PeerPage { peers, total });
-                }
-                let last = peers.last().map(|p| p.id);
-                got.extend(peers);
-                if got.len() > MAX_LISTED {
-                    let what = "a peer list over the limit";
-                    return self.fail_paged(Pending::Peers(got, None), what, now);
-                }
-                match (more, last) {
-                    (false, _) => self.event(LinkEvent::Peers(got)),
-                    (true, Some(after)) => {
-                        self.send(Message::ListPeers { after });
-                        self.in_flight.push_back(Pending::Peers(got, None));
-                    }
-                    (true, None) => {
-                        let what = "an empty peer page with more";
-                        self.fail_paged(Pending::Peers(got, None), what, now);
-                    }
-                }
+                self.on_peer_page(peers, more, now);
             }
             (State::Ready { .. }, Message::FileList { files, more })
                 if matches!(self.in_flight.front(), Some(Pending::Files(_))) =>
             {
-                let Some(Pending::Files(mut got)) = self.in_flight.pop_front() else {
-                    return; // just matched
-                };
-                let after = files.last().map(NetworkFile::cursor);
-                got.extend(files);
-                if got.len() > MAX_LISTED {
-                    let what = "a file list over the limit";
-                    return self.fail_paged(Pending::Files(got), what, now);
-                }
-                match (more, after) {
-                    (false, _) => self.event(LinkEvent::Files(got)),
-                    (true, Some(after)) => {
-                        self.send(Message::ListFiles { after: Some(after) });
-                        self.in_flight.push_back(Pending::Files(got));
-                    }
-                    (true, None) => {
-                        let what = "an empty file page with more";
-                        self.fail_paged(Pending::Files(got), what, now);
-                    }
-                }
+                self.on_file_page(files, more, now);
             }
             (State::Ready { .. }, Message::Holders { name, groups, .. })
                 if self.in_flight.front() == Some(&Pending::WhoHas(name.clone())) =>
@@ -537,6 +417,159 @@ impl ManagerLink {
             (state, msg) => {
                 let what = format!("{} while {state}", crate::wire::kind_name(msg.kind()));
                 self.protocol_error(&what, now);
+            }
+        }
+    }
+
+    fn on_hello(&mut self, version: u16, role: Role, now: Instant) {
+        if version != PROTOCOL_VERSION || role != Role::Manager {
+            let why = format!(
+                "the manager speaks protocol {version} as {role:?}; this peer needs {PROTOCOL_VERSION}"
+            );
+            return self.fail(why, now);
+        }
+        self.set_state(State::Ready {
+            last_heard: now,
+            renew_at: None,
+        });
+        self.failures = 0;
+        self.give_up_at = None;
+        if self.mode == LinkMode::QueryOnly {
+            self.backoff = self.config.retry_min;
+        }
+        while let Some(q) = self.queued.pop_front() {
+            self.send_query(q);
+        }
+    }
+
+    fn on_welcome(
+        &mut self,
+        peer_id: PeerId,
+        heartbeat_ms: u32,
+        peer_timeout_ms: u32,
+        now: Instant,
+    ) {
+        self.peer_id = Some(peer_id);
+        self.backoff = self.config.retry_min;
+        // The lease: a keepalive each heartbeat keeps us listed; the
+        // manager pings us every PROBE_HEARTBEATS heartbeats, so silence
+        // longer than that plus its timeout means it is gone.
+        let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(MIN_HEARTBEAT_MS)));
+        self.renew_every = heartbeat;
+        if let State::Ready { renew_at, .. } = &mut self.state {
+            *renew_at = Some(now + heartbeat);
+        }
+        if peer_timeout_ms > 0 {
+            self.silence_timeout =
+                heartbeat * PROBE_HEARTBEATS + Duration::from_millis(u64::from(peer_timeout_ms));
+        }
+        self.awaiting_join_list = true;
+        log::info!("registered with the manager as peer {peer_id}");
+        self.event(LinkEvent::Registered(peer_id));
+    }
+
+    /// A page of the join list; the last one replaces the list.
+    fn on_join_page(&mut self, peers: Vec<PeerEntry>, more: bool, now: Instant) {
+        self.join_pages.extend(peers);
+        if self.join_pages.len() > MAX_LISTED {
+            return self.protocol_error("a join list over the limit", now);
+        }
+        if more {
+            return;
+        }
+        self.awaiting_join_list = false;
+        self.total = None;
+        let pages = std::mem::take(&mut self.join_pages);
+        let old = std::mem::take(&mut self.peers);
+        self.peers = pages.into_iter().map(|p| (p.id, p.addr)).collect();
+        let left: Vec<PeerId> = old
+            .into_keys()
+            .filter(|id| !self.peers.contains_key(id))
+            .collect();
+        if !left.is_empty() {
+            self.event(LinkEvent::PeersLeft(left));
+        }
+    }
+
+    /// Above the limit: the count instead of the list (also in place of a
+    /// join list).
+    fn on_peer_count(&mut self, total: u32) {
+        if self.total.is_none() {
+            log::info!("the network has {total} peers; following the count, not the list");
+        }
+        self.total = Some(total);
+        self.awaiting_join_list = false;
+        self.join_pages.clear();
+        self.peers.clear();
+    }
+
+    fn on_delta(&mut self, added: Vec<PeerEntry>, removed: Vec<PeerId>) {
+        if self.total.is_some() && !added.is_empty() {
+            // Back at or under the limit: the whole set, as additions.
+            log::info!("the network is small again; following the list");
+            self.total = None;
+        }
+        for id in &removed {
+            self.peers.remove(id);
+        }
+        if self.total.is_none() {
+            for p in added {
+                self.peers.insert(p.id, p.addr);
+            }
+        }
+        if !removed.is_empty() {
+            self.event(LinkEvent::PeersLeft(removed));
+        }
+    }
+
+    /// A page answering `ListPeers` (the question at the head of `in_flight`).
+    fn on_peer_page(&mut self, peers: Vec<PeerEntry>, more: bool, now: Instant) {
+        let Some(Pending::Peers(mut got, total)) = self.in_flight.pop_front() else {
+            return; // the caller matched it
+        };
+        // A big network: one page and the count, not every page.
+        if let Some(total) = total.or(self.total) {
+            return self.event(LinkEvent::PeerPage { peers, total });
+        }
+        let last = peers.last().map(|p| p.id);
+        got.extend(peers);
+        if got.len() > MAX_LISTED {
+            let what = "a peer list over the limit";
+            return self.fail_paged(Pending::Peers(got, None), what, now);
+        }
+        match (more, last) {
+            (false, _) => self.event(LinkEvent::Peers(got)),
+            (true, Some(after)) => {
+                self.send(Message::ListPeers { after });
+                self.in_flight.push_back(Pending::Peers(got, None));
+            }
+            (true, None) => {
+                let what = "an empty peer page with more";
+                self.fail_paged(Pending::Peers(got, None), what, now);
+            }
+        }
+    }
+
+    /// A page answering `ListFiles` (the question at the head of `in_flight`).
+    fn on_file_page(&mut self, files: Vec<NetworkFile>, more: bool, now: Instant) {
+        let Some(Pending::Files(mut got)) = self.in_flight.pop_front() else {
+            return; // the caller matched it
+        };
+        let after = files.last().map(NetworkFile::cursor);
+        got.extend(files);
+        if got.len() > MAX_LISTED {
+            let what = "a file list over the limit";
+            return self.fail_paged(Pending::Files(got), what, now);
+        }
+        match (more, after) {
+            (false, _) => self.event(LinkEvent::Files(got)),
+            (true, Some(after)) => {
+                self.send(Message::ListFiles { after: Some(after) });
+                self.in_flight.push_back(Pending::Files(got));
+            }
+            (true, None) => {
+                let what = "an empty file page with more";
+                self.fail_paged(Pending::Files(got), what, now);
             }
         }
     }
