@@ -265,3 +265,35 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_peer_stays_listed_on_keepalives_and_notices_a_hung_manager_after_ten_heartbeats() {
+    let manager = Manager::start(HEARTBEAT, PEER_TIMEOUT);
+    let (_d, mut peer) = peer_with_file(manager.addr, "a.txt");
+    let addr = peer.addr;
+    wait_converged(manager.addr, &mut [&mut peer], &[addr], WAIT);
+    // Several peer timeouts, and longer than one ping round: listed all
+    // along, by its keepalives, and it never thought the manager gone.
+    std::thread::sleep(Duration::from_secs_f64(4.0 * PEER_TIMEOUT));
+    assert_eq!(network_peers(manager.addr), vec![peer.addr]);
+    let log = manager.proc.stderr.text();
+    assert_eq!(log.matches("joined").count(), 1, "re-registered:\n{log}");
+    assert!(!peer.proc.stderr.text().contains("manager silent"));
+
+    // SIGSTOP the manager: its kernel keeps the connection up, so only the
+    // missing pings tell. The peer must not give up within 10 heartbeats
+    // plus the timeout, and must after it.
+    manager.proc.signal("STOP");
+    let stopped = std::time::Instant::now();
+    let patience = Duration::from_secs_f64(10.0 * HEARTBEAT + PEER_TIMEOUT);
+    wait_for(
+        patience + WAIT,
+        "the peer to notice the hung manager",
+        || peer.proc.stderr.text().contains("manager silent"),
+    );
+    let noticed = stopped.elapsed();
+    manager.proc.signal("CONT");
+    // Its last ping may have come up to 10 heartbeats before the stop.
+    let earliest = patience.saturating_sub(Duration::from_secs_f64(10.0 * HEARTBEAT));
+    assert!(noticed >= earliest, "gave up after {noticed:?}");
+}
