@@ -808,9 +808,9 @@ impl Gen {
     /// above the full-list limit, has the right count).
     fn converged(&self) -> bool {
         let members = self.members();
-        self.sims
-            .iter()
-            .all(|(_, s)| !s.burst || s.id.is_none() || s.count == members || s.total.is_some())
+        self.sims.iter().all(|(_, s)| {
+            !s.burst || s.id.is_none() || s.count == members || s.total == Some(members as u32)
+        })
     }
 
     fn members(&self) -> usize {
@@ -824,7 +824,9 @@ impl Gen {
         let members = self.members();
         self.sims
             .iter()
-            .filter(|(_, s)| s.burst && s.id.is_some() && (s.count == members || s.total.is_some()))
+            .filter(|(_, s)| {
+                s.burst && s.id.is_some() && (s.count == members || s.total == Some(members as u32))
+            })
             .count()
     }
 

@@ -447,6 +447,22 @@ fn usage_errors_exit_2() {
     assert_eq!(peer(&["--frobnicate"]).status.code(), Some(2));
 }
 
+#[test]
+fn manager_timers_that_would_drop_live_peers_are_refused() {
+    let manager = |args: &[&str]| Command::new(manager_bin()).args(args).output().unwrap();
+    // Peers send keepalives at most every 100 ms.
+    let out = manager(&["--heartbeat", "0.05", "--peer-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--heartbeat (0.05) must be at least 0.1 s"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = manager(&["--heartbeat", "2", "--peer-timeout", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("must be longer than --heartbeat"));
+}
+
 /// Every flag `--help` lists is in the README, and every flag the README
 /// lists in its tables is one `--help` knows.
 #[test]

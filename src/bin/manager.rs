@@ -111,6 +111,14 @@ fn main() -> ExitCode {
         eprintln!("manager: {e}");
         return ExitCode::from(2);
     }
+    let min_heartbeat = f64::from(shoal::wire::MIN_HEARTBEAT_MS) / 1000.0;
+    if args.heartbeat < min_heartbeat {
+        eprintln!(
+            "manager: --heartbeat ({}) must be at least {min_heartbeat} s: peers send their keepalives no faster",
+            args.heartbeat
+        );
+        return ExitCode::from(2);
+    }
     if args.peer_timeout <= args.heartbeat {
         eprintln!(
             "manager: --peer-timeout ({}) must be longer than --heartbeat ({}), or live peers would be dropped",

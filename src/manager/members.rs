@@ -25,10 +25,6 @@ impl Members {
         self.live
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.live == 0
-    }
-
     /// Adds a member whose id is above every id before it (the registry
     /// hands ids out in order); `false`, and nothing added, otherwise.
     pub fn push(&mut self, id: PeerId, live: Live) -> bool {

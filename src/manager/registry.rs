@@ -5,9 +5,10 @@
 //!
 //! Liveness is a lease: each member sends a keepalive every heartbeat, and a
 //! member not heard from (any frame counts) for the peer timeout is swept.
-//! The registry pings a tenth of the members each heartbeat (each one every
-//! [`PROBE_HEARTBEATS`]), only so that members can tell a hung manager from
-//! a quiet one: the steady cost per member is one read a heartbeat. Deadlines
+//! The registry pings each member once in [`PROBE_HEARTBEATS`] heartbeats,
+//! on the member's own schedule (a second bucketed wheel), only so that
+//! members can tell a hung manager from a quiet one: the steady cost per
+//! member is one read a heartbeat and a write every ten. Deadlines
 //! sit in buckets a fraction of a heartbeat wide ([`timers`](super::timers)),
 //! so a sweep looks only at the connections whose bucket is due.
 //!
@@ -121,6 +122,8 @@ struct Member {
     last_heard: Instant,
     /// The bucket its timeout entry is in (see [`Wheel`]).
     armed: Slot,
+    /// The bucket its next ping is in.
+    ping_armed: Slot,
     /// Whether its list is the member set as of the last broadcast (it got
     /// the join list, or a full delta, and every delta since).
     follows: bool,
@@ -229,11 +232,10 @@ pub struct Registry {
     /// Turns every `WhoHas` to a new starting holder.
     rotate: u64,
     broadcast_due: Option<Instant>,
-    next_ping: Option<Instant>,
-    /// The last member pinged (see [`Registry::ping_members`]).
-    probed_up_to: PeerId,
     /// Hello and peer timeouts, bucketed.
     deadlines: Wheel,
+    /// When each member is next pinged, bucketed the same way.
+    pings: Wheel,
     actions: VecDeque<Action>,
     /// Static keys proved by each connection's handshake (sealed networks).
     keys: HashMap<ConnId, PeerKey>,
@@ -256,9 +258,8 @@ impl Registry {
             departures: BTreeMap::new(),
             rotate: 0,
             broadcast_due: None,
-            next_ping: None,
-            probed_up_to: PeerId(0),
             deadlines: Wheel::new(config.heartbeat / 4),
+            pings: Wheel::new(config.heartbeat / 4),
             actions: VecDeque::new(),
             keys: HashMap::new(),
         }
@@ -447,9 +448,7 @@ impl Registry {
     /// Fires due timers: handshake and member timeouts, pings, the broadcast.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.sweep(now);
-        if self.next_ping.is_some_and(|t| t <= now) {
-            self.ping_members(now);
-        }
+        self.ping_members(now);
         if self.broadcast_due.is_some_and(|t| t <= now) {
             self.broadcast();
         }
@@ -464,7 +463,7 @@ impl Registry {
     pub fn poll_timeout(&self) -> Option<Instant> {
         [
             self.deadlines.next_due(),
-            self.next_ping,
+            self.pings.next_due(),
             self.broadcast_due,
         ]
         .into_iter()
@@ -548,6 +547,7 @@ impl Registry {
                 ConnState::Member(m) => {
                     member_conns += 1;
                     assert!(self.deadlines.holds(m.armed, conn), "{conn:?}'s deadline");
+                    assert!(self.pings.holds(m.ping_armed, conn), "{conn:?}'s ping");
                     assert!(!m.follows || self.listing, "a follower while not listing");
                     assert!(m.watched.len() <= MAX_WATCHED);
                     for id in &m.watched {
@@ -592,12 +592,19 @@ impl Registry {
         let armed = self
             .deadlines
             .arm(conn, now + self.config.peer_timeout, now);
+        // The first ping within PROBE_HEARTBEATS - 1 heartbeats, spread by
+        // id so that a burst of joins is not pinged all in one turn.
+        let first = 1 + (id.0 % u64::from(PROBE_HEARTBEATS - 1)) as u32;
+        let ping_armed = self
+            .pings
+            .arm(conn, now + self.config.heartbeat * first, now);
         self.conns.insert(
             conn,
             ConnState::Member(Member {
                 id,
                 last_heard: now,
                 armed,
+                ping_armed,
                 follows,
                 files: Vec::new(),
                 watched: Vec::new(),
@@ -626,9 +633,6 @@ impl Registry {
         } else {
             let total = count(self.members.len());
             self.send(conn, Message::PeerCount { total });
-        }
-        if self.next_ping.is_none() {
-            self.next_ping = Some(now + self.config.heartbeat);
         }
         self.membership_changed(now);
     }
@@ -746,9 +750,6 @@ impl Registry {
         // the broadcast delay.
         let due = now + self.config.broadcast_delay;
         self.broadcast_due = Some(self.broadcast_due.map_or(due, |t| t.min(due)));
-        if self.members.is_empty() {
-            self.next_ping = None;
-        }
     }
 
     /// What changed since the last broadcast, to everyone who should hear
@@ -862,35 +863,42 @@ impl Registry {
             .collect()
     }
 
-    /// Pings this heartbeat's slice of the members, one frame shared by all
-    /// of them: the next `len / (PROBE_HEARTBEATS - 1)` members in id order
-    /// after the last one pinged, wrapping at the end. However the set
-    /// changes, every member is reached within [`PROBE_HEARTBEATS`]
-    /// heartbeats of its last ping (or of its Welcome), and a heartbeat
-    /// walks only its slice.
+    /// Pings the members whose ping bucket is due, one frame shared by all
+    /// of them, and puts each back [`PROBE_HEARTBEATS`] - 1 heartbeats on.
+    /// A bucket fires late by less than a quarter heartbeat, so every member
+    /// is pinged within [`PROBE_HEARTBEATS`] heartbeats of its Welcome and
+    /// of its last ping, whatever joins and leaves meanwhile; a turn looks
+    /// only at the entries due. An entry left by a closed connection is
+    /// dropped when its bucket comes up.
     fn ping_members(&mut self, now: Instant) {
-        let nonce = self.next_nonce;
+        let again = self.config.heartbeat * (PROBE_HEARTBEATS - 1);
+        let mut conns = Vec::new();
+        while let Some((slot, due)) = self.pings.pop_due(now) {
+            for conn in due {
+                let Some(m) = self.conns.member_mut(conn) else {
+                    continue; // closed, or a new connection in its slot
+                };
+                if m.ping_armed != slot {
+                    continue;
+                }
+                m.ping_armed = self.pings.arm(conn, now + again, now);
+                conns.push(conn);
+            }
+        }
+        if conns.is_empty() {
+            return;
+        }
+        let ping = Message::Ping {
+            nonce: self.next_nonce,
+        };
         self.next_nonce += 1;
-        let take = self.members.len().div_ceil(PROBE_HEARTBEATS as usize - 1);
-        let mut conns = Vec::with_capacity(take);
-        for (id, l) in self.members.after(self.probed_up_to).take(take) {
-            conns.push(l.conn);
-            self.probed_up_to = id;
-        }
-        if conns.len() < take {
-            self.probed_up_to = PeerId(0); // the end: start over next time
-        }
-        if !conns.is_empty() {
-            let ping = Message::Ping { nonce };
-            let ping: Rc<[Message<'static>]> = if self.listing {
-                Rc::new([ping])
-            } else {
-                let total = count(self.members.len());
-                Rc::new([Message::PeerCount { total }, ping])
-            };
-            self.actions.push_back(Action::Broadcast(conns, ping));
-        }
-        self.next_ping = (!self.members.is_empty()).then(|| now + self.config.heartbeat);
+        let frames: Rc<[Message<'static>]> = if self.listing {
+            Rc::new([ping])
+        } else {
+            let total = count(self.members.len());
+            Rc::new([Message::PeerCount { total }, ping])
+        };
+        self.actions.push_back(Action::Broadcast(conns, frames));
     }
 
     /// Expires the connections whose deadline bucket is due: each entry is
@@ -1379,51 +1387,85 @@ mod tests {
     }
 
     #[test]
-    fn each_heartbeat_pings_a_slice_and_ten_reach_every_member() {
+    fn every_member_is_pinged_once_in_ten_heartbeats_through_joins_and_leaves() {
         let mut now = Instant::now();
-        let mut r = Registry::new(RegistryConfig::default());
-        let n = 100;
-        for c in 1..=n {
-            join(&mut r, c, now);
-        }
+        // Above the limit: pings (with the count) are all a member hears.
+        let mut r = with_limit(10);
+        let hb = r.config.heartbeat;
+        let mut joined_at: BTreeMap<ConnId, Instant> = BTreeMap::new();
+        let join_some = |r: &mut Registry, joined_at: &mut BTreeMap<_, _>, k, now| {
+            for _ in 0..k {
+                let conn = r.next_peer_id as usize; // unique, like the ids
+                join(r, conn, now);
+                joined_at.insert(ConnId(conn), now);
+            }
+        };
+        join_some(&mut r, &mut joined_at, 100, now);
         drain(&mut r);
-        // The heartbeats at which each member was pinged, over three rounds.
-        let mut pings: BTreeMap<ConnId, Vec<u32>> = BTreeMap::new();
-        for beat in 1..=3 * PROBE_HEARTBEATS {
-            now += r.config.heartbeat;
+        let start = now;
+        let mut pinged: BTreeMap<ConnId, Vec<Instant>> = BTreeMap::new();
+        let end = now + hb * (3 * PROBE_HEARTBEATS);
+        let mut beat = 0;
+        while now < end {
+            now += hb / 4;
             keep_alive(&mut r, now);
-            r.handle_timeout(now);
-            let mut this_heartbeat = 0;
-            for action in drain(&mut r) {
-                let Action::Broadcast(conns, msgs) = action else {
-                    continue;
-                };
-                if msgs.iter().any(|m| matches!(m, Message::Ping { .. })) {
-                    this_heartbeat += conns.len();
-                    for c in conns {
-                        pings.entry(c).or_default().push(beat);
+            if now.duration_since(start) >= hb * beat {
+                beat += 1;
+                // A steady stream of joins, and at heartbeat 8 a bulk leave
+                // of half the members pinged so far.
+                join_some(&mut r, &mut joined_at, 20, now);
+                if beat == 8 {
+                    let leaving: Vec<ConnId> = pinged.keys().copied().step_by(2).collect();
+                    for conn in leaving {
+                        r.handle_disconnected(conn, now);
+                        pinged.remove(&conn);
+                        joined_at.remove(&conn);
                     }
                 }
             }
-            assert!(
-                this_heartbeat <= n.div_ceil(9),
-                "{this_heartbeat} pings in one heartbeat"
-            );
+            r.handle_timeout(now);
+            for action in drain(&mut r) {
+                if let Action::Broadcast(conns, msgs) = action
+                    && msgs.iter().any(|m| matches!(m, Message::Ping { .. }))
+                {
+                    for c in conns {
+                        pinged.entry(c).or_default().push(now);
+                    }
+                }
+            }
         }
-        assert_eq!(pings.len(), n, "a member was never pinged");
-        for (conn, beats) in &pings {
-            let gaps = std::iter::once(0)
-                .chain(beats.iter().copied())
-                .collect::<Vec<_>>();
+        check_invariants(&r);
+        let most = hb * PROBE_HEARTBEATS;
+        let least = hb * (PROBE_HEARTBEATS - 1) - hb / 4;
+        for (conn, &joined) in &joined_at {
+            let times = pinged.get(conn).cloned().unwrap_or_default();
+            let heard: Vec<Instant> = std::iter::once(joined)
+                .chain(times.iter().copied())
+                .collect();
+            for w in heard.windows(2) {
+                assert!(
+                    w[1] - w[0] <= most,
+                    "{conn:?}: {:?} without a ping",
+                    w[1] - w[0]
+                );
+            }
             assert!(
-                gaps.windows(2).all(|w| w[1] - w[0] <= PROBE_HEARTBEATS),
-                "{conn:?} pinged at heartbeats {beats:?}"
+                end - heard[heard.len() - 1] <= most,
+                "{conn:?}: not pinged lately"
             );
+            for w in times.windows(2) {
+                assert!(
+                    w[1] - w[0] >= least,
+                    "{conn:?}: pinged again after {:?}",
+                    w[1] - w[0]
+                );
+            }
         }
+        let n = joined_at.len();
         assert_eq!(r.members.len(), n, "keepalives keep every member listed");
         // Without its keepalives a member is dropped at the peer timeout,
         // pings or not.
-        let quiet = ConnId(1);
+        let quiet = *joined_at.keys().next().expect("members left");
         let start = now;
         while now < start + r.config.peer_timeout + r.config.heartbeat {
             now += r.config.heartbeat / 4;

@@ -12,13 +12,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::wire::{
-    FileName, FileSummary, HolderGroup, Message, NetworkFile, PROBE_HEARTBEATS, PROTOCOL_VERSION,
-    PeerEntry, PeerId, Role,
+    FileName, FileSummary, HolderGroup, MIN_HEARTBEAT_MS, Message, NetworkFile, PROBE_HEARTBEATS,
+    PROTOCOL_VERSION, PeerEntry, PeerId, Role,
 };
-
-/// Shortest keepalive interval we follow, whatever a manager's `Welcome`
-/// says: a heartbeat of 0 must not make us send keepalives in a loop.
-const MIN_HEARTBEAT_MS: u32 = 100;
 
 /// Most entries a paged answer (or a join list) may add up to: a manager
 /// that keeps saying `more` cannot make us grow without bound.
@@ -459,10 +455,9 @@ impl ManagerLink {
         if let State::Ready { renew_at, .. } = &mut self.state {
             *renew_at = Some(now + heartbeat);
         }
-        if peer_timeout_ms > 0 {
-            self.silence_timeout =
-                heartbeat * PROBE_HEARTBEATS + Duration::from_millis(u64::from(peer_timeout_ms));
-        }
+        // At least a heartbeat of slack, whatever the timeout says.
+        let timeout = Duration::from_millis(u64::from(peer_timeout_ms)).max(heartbeat);
+        self.silence_timeout = heartbeat * PROBE_HEARTBEATS + timeout;
         self.awaiting_join_list = true;
         log::info!("registered with the manager as peer {peer_id}");
         self.event(LinkEvent::Registered(peer_id));
@@ -683,7 +678,8 @@ impl ManagerLink {
         }));
     }
 
-    /// A registered member hears a ping at least every `silence_timeout`, so silence means
+    /// A registered member hears a ping at least every 10 heartbeats, so silence
+    /// past that and the peer timeout (`silence_timeout`) means
     /// trouble; a query-only client hears nothing between answers, so for it
     /// silence only counts while a question is waiting.
     fn silence_deadline(&self, last_heard: Instant) -> Instant {

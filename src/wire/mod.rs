@@ -41,11 +41,16 @@ pub const MAGIC: [u8; 4] = *b"SHOL";
 /// each member only every [`PROBE_HEARTBEATS`] heartbeats.
 pub const PROTOCOL_VERSION: u16 = 5;
 
-/// The manager pings each member at least once in this many heartbeats (a
-/// slice of the members at each), so a member that hears nothing for that
+/// The manager pings each member at least once in this many heartbeats (on
+/// each member's own schedule), so a member that hears nothing for that
 /// long plus the peer timeout knows the manager is gone. Between pings the
 /// manager's only cost per member is reading its keepalive.
 pub const PROBE_HEARTBEATS: u32 = 10;
+
+/// Shortest heartbeat a peer follows, whatever a manager's `Welcome` says
+/// (a heartbeat of 0 must not make it send keepalives in a loop); a manager
+/// refuses to start with a shorter one, which would drop live peers.
+pub const MIN_HEARTBEAT_MS: u32 = 100;
 
 /// Bytes before the body: `u32` length + `u8` kind.
 pub const HEADER_LEN: usize = 5;
