@@ -49,13 +49,13 @@ impl Wheel {
     /// When the first bucket is due.
     pub fn next_due(&self) -> Option<Instant> {
         let (&slot, _) = self.buckets.first_key_value()?;
-        Some(self.slot_end(slot))
+        self.slot_end(slot)
     }
 
     /// Takes the first bucket if it is due at `now`.
     pub fn pop_due(&mut self, now: Instant) -> Option<(Slot, Vec<ConnId>)> {
         let (&slot, _) = self.buckets.first_key_value()?;
-        if self.slot_end(slot) > now {
+        if self.slot_end(slot)? > now {
             return None;
         }
         self.buckets.pop_first()
@@ -72,12 +72,12 @@ impl Wheel {
         self.buckets.values().map(Vec::len).sum()
     }
 
-    fn slot_end(&self, slot: Slot) -> Instant {
-        let epoch = self.epoch.unwrap_or_else(Instant::now);
+    fn slot_end(&self, slot: Slot) -> Option<Instant> {
+        // Set by the first `arm`, so there whenever a bucket is.
+        let epoch = self.epoch?;
         let ticks = u32::try_from(slot).unwrap_or(u32::MAX);
-        epoch
-            .checked_add(self.tick.saturating_mul(ticks))
-            .unwrap_or(epoch + Duration::from_secs(86_400 * 365))
+        let end = epoch.checked_add(self.tick.saturating_mul(ticks));
+        Some(end.unwrap_or(epoch + Duration::from_secs(86_400 * 365)))
     }
 }
 
