@@ -42,6 +42,7 @@ fn node_config(dir: &Path, manager: SocketAddr) -> NodeConfig {
         progress_bar: false,
         keys: None,
         manager_key: None,
+        allow: None,
     }
 }
 

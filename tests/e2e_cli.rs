@@ -445,6 +445,11 @@ fn usage_errors_exit_2() {
     assert!(text(&out.stderr).contains("--dir"));
     assert!(out.stdout.is_empty());
     assert_eq!(peer(&["--frobnicate"]).status.code(), Some(2));
+    // An allow list means nothing on an open network.
+    let dir = tempfile::tempdir().unwrap();
+    let out = peer(&["--dir", dir.path().to_str().unwrap(), "--allow", "keys.txt"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--allow needs a network key"));
 }
 
 #[test]

@@ -624,3 +624,63 @@ fn a_non_loopback_manager_without_a_key_refuses_to_start() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.len(), 32);
 }
+
+#[test]
+fn a_peer_with_allow_serves_listed_keys_only_and_drops_one_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seed, a, b) = (
+        tmp.path().join("s"),
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+    );
+    for dir in [&seed, &a, &b] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(seed.join("f.bin"), &data).unwrap();
+    let (ka, kb) = (show_id(&a), show_id(&b));
+    let allow = tmp.path().join("allow");
+    std::fs::write(&allow, format!("{ka} a\n")).unwrap();
+    let m = keyed_manager(&[]);
+    // 8 MiB at 2 MiB/s: a download takes about 4 s.
+    let flags = ["--allow", allow.to_str().unwrap(), "--upload-limit", "2MiB"];
+    let seeder = keyed_peer(&seed, m.addr, KEY, &flags);
+    wait_listed(m.addr, 1);
+    let spawn_get = |dir: &Path| {
+        let mut cmd = Command::new(peer_bin());
+        cmd.arg("--dir").arg(dir);
+        cmd.args(["--manager", &m.addr.to_string(), "--key", KEY, "-v"]);
+        cmd.args(["get", "f.bin"]);
+        Proc::spawn_cmd(cmd)
+    };
+    let seeder_says = |what: &str| seeder.proc.stderr.text().contains(what);
+
+    // b holds the network key but is not on the seeder's list.
+    let b_get = spawn_get(&b);
+    wait_for(WAIT, "b refused by the seeder", || {
+        seeder_says(&format!("its key {kb} is not in the allow list"))
+    });
+    drop(b_get);
+    assert!(!b.join("f.bin").exists(), "an unlisted peer got the file");
+
+    // a is listed, until the list changes mid-download.
+    let a_get = spawn_get(&a);
+    wait_for(WAIT, "a's download under way", || {
+        seeder_says(&format!("sealed, key {ka}"))
+    });
+    std::fs::write(&allow, format!("{kb} b\n")).unwrap();
+    wait_for(WAIT, "a dropped by the seeder", || {
+        seeder_says(&format!("its key {ka} was removed from the allow list"))
+    });
+    assert!(
+        !a.join("f.bin").exists(),
+        "a finished before the change: the test needs a slower link"
+    );
+    drop(a_get);
+
+    // And b, listed now, gets it.
+    let args = ["--key", KEY, "--dir", b.to_str().unwrap(), "get", "f.bin"];
+    let (ok, _, err) = peer_oneshot(m.addr, &args);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(b.join("f.bin")).unwrap(), data);
+}

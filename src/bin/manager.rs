@@ -169,7 +169,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        (Some(path), Some(_)) => match shoal::manager::allow::AllowList::load(path) {
+        (Some(path), Some(_)) => match shoal::net::allow::AllowList::load(path) {
             Ok(list) => Some(list),
             Err(e) => {
                 eprintln!("manager: {e}");

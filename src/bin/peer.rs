@@ -140,6 +140,12 @@ struct Args {
     #[arg(long, value_name = "KEY", global = true, value_parser = parse_peer_key)]
     manager_key: Option<PeerKey>,
 
+    /// Serve only the peers whose public keys (`peer --show-id`) this file
+    /// lists, one a line (the manager's --allow format); reread when it
+    /// changes, and a key removed from it loses its connections. Needs a key.
+    #[arg(long, value_name = "FILE", global = true)]
+    allow: Option<PathBuf>,
+
     /// Print this peer's public key (its identity, kept in
     /// DIR/.shoal/identity; made on first use) and exit. Put it in the
     /// manager's --allow file to admit this peer.
@@ -291,8 +297,20 @@ fn run(args: Args) -> Result<(), Failure> {
             identity: shoal::peer::identity(&dir).map_err(Failure::failed)?,
         }),
     };
+    let allow = match (&args.allow, &keys) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Failure::usage(
+                "--allow needs a network key (--key-file or --key): peers prove their keys in the sealed handshake",
+            ));
+        }
+        (Some(path), Some(_)) => {
+            Some(shoal::net::allow::AllowList::load(path).map_err(Failure::usage)?)
+        }
+    };
     let config = NodeConfig {
         keys,
+        allow,
         manager_key: args.manager_key,
         dir,
         manager: args.manager,

@@ -1,7 +1,6 @@
 //! The manager: a pure membership registry ([`registry`]) and the mio event
 //! loop that serves it over TCP ([`server`]).
 
-pub mod allow;
 mod index;
 mod members;
 pub mod registry;

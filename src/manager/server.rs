@@ -13,10 +13,10 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::allow::{self, AllowList};
 use super::registry::{Action, Registry, RegistryConfig};
 use super::stats::{ConnState, ManagerStats};
 use crate::metrics::http::MetricsServer;
+use crate::net::allow::{self, AllowList};
 use crate::net::noise::Keys;
 use crate::net::{self, CloseReason, Conn, ConnId, Flow, ReadEnd, StdinLines};
 use crate::wire::Message;

@@ -2,6 +2,7 @@
 //! and signals as event sources, and deadline arithmetic for poll timeouts.
 //! Nothing here knows the protocol's rules; that lives in the pure cores.
 
+pub mod allow;
 mod conn;
 pub mod noise;
 mod stdin;

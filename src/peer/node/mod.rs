@@ -34,7 +34,7 @@ use super::ratelimit::TokenBucket;
 use super::scheduler::SourceId;
 use super::serve::ServeSession;
 use crate::metrics::http::MetricsServer;
-use crate::net::{self, Conn, ConnId, StdinLines};
+use crate::net::{self, Conn, ConnId, StdinLines, allow};
 use crate::store::SharedFolder;
 use crate::wire;
 
@@ -84,6 +84,8 @@ pub struct NodeConfig {
     /// The manager's static key, pinned with `--manager-key`; without it
     /// the first key met is pinned in `DIR/.shoal/managers`.
     pub manager_key: Option<crate::wire::PeerKey>,
+    /// `--allow`: serve only these keys (a sealed network).
+    pub allow: Option<crate::net::allow::AllowList>,
 }
 
 /// What this run of the peer is for.
@@ -198,6 +200,8 @@ pub struct Node {
     /// The manager connection has bytes to read that no edge will announce.
     revisit_manager: bool,
     next_rescan: Instant,
+    /// When to look at the `--allow` file for a change next.
+    allow_check_at: Option<Instant>,
     next_progress: Instant,
     sink: Box<dyn Sink>,
     /// Set when the run should end, with its outcome.
@@ -261,6 +265,7 @@ impl Node {
         });
         let mut node = Node {
             next_rescan: now + config.rescan_interval,
+            allow_check_at: config.allow.as_ref().map(|_| now + allow::CHECK_EVERY),
             config,
             poll,
             listener,
@@ -423,6 +428,7 @@ impl Node {
         deadline = net::earliest(deadline, self.limiter_wake);
         deadline = net::earliest(deadline, self.haves_due);
         deadline = net::earliest(deadline, self.rotation.poll_timeout());
+        deadline = net::earliest(deadline, self.allow_check_at);
         if let Some(http) = &self.metrics_http {
             deadline = net::earliest(deadline, http.poll_timeout());
         }
@@ -501,6 +507,17 @@ impl Node {
         if now >= self.next_rescan {
             self.next_rescan = now + self.config.rescan_interval;
             self.rescan();
+        }
+        if self.allow_check_at.is_some_and(|at| at <= now) {
+            self.allow_check_at = Some(now + allow::CHECK_EVERY);
+            if self
+                .config
+                .allow
+                .as_mut()
+                .is_some_and(allow::AllowList::refresh)
+            {
+                self.drop_unlisted();
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use super::swarm::ServingCatalog;
 use super::*;
 use crate::net::{self, ConnId, Flow, ReadEnd};
 use crate::peer::serve::{Catalog, ChunkRequest, ServeAction, ServeConfig, ServeSession};
-use crate::wire;
+use crate::wire::{self, ErrorCode, Message};
 
 impl Node {
     pub(super) fn accept_all(&mut self, now: Instant) {
@@ -96,6 +96,18 @@ impl Node {
             }
             ReadEnd::Authenticated(key) => {
                 log::debug!("{}: sealed, key {key}", conn.peer_addr());
+                if let Some(allow) = &self.config.allow
+                    && !allow.contains(&key)
+                {
+                    log::warn!(
+                        "refusing {}: its key {key} is not in the allow list {}",
+                        conn.peer_addr(),
+                        allow.path().display()
+                    );
+                    conn.send(&not_allowed());
+                    self.close_peer(id);
+                    return;
+                }
                 self.revisit.push(id);
                 // Our hello waited for the handshake.
                 self.pump_serving(id, now);
@@ -449,6 +461,37 @@ impl Node {
         self.pump_serving(id, now);
     }
 
+    /// After the allow file changed: closes every serving connection whose
+    /// key it no longer lists.
+    pub(super) fn drop_unlisted(&mut self) {
+        let Some(allow) = &self.config.allow else {
+            return;
+        };
+        let unlisted: Vec<ConnId> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(key, pc)| match pc {
+                PeerConn::Serving { conn, .. } => {
+                    let peer = conn.remote_key()?;
+                    if allow.contains(&peer) {
+                        return None;
+                    }
+                    log::warn!(
+                        "dropping {}: its key {peer} was removed from the allow list {}",
+                        conn.peer_addr(),
+                        allow.path().display()
+                    );
+                    conn.send(&not_allowed());
+                    Some(ConnId(key))
+                }
+                PeerConn::Source { .. } => None,
+            })
+            .collect();
+        for id in unlisted {
+            self.close_peer(id);
+        }
+    }
+
     pub(super) fn close_peer(&mut self, id: ConnId) {
         self.fair.leave(id);
         self.rotation.handle_closed(id);
@@ -486,4 +529,12 @@ const MANIFEST_SLICE: usize = 2048;
 pub(in crate::peer) struct ManifestStream {
     root: wire::Hash,
     next: usize,
+}
+
+/// What a peer not on our allow list is told before we close.
+fn not_allowed() -> Message<'static> {
+    Message::Error {
+        code: ErrorCode::Incompatible,
+        reason: "this peer serves only the keys on its allow list".into(),
+    }
 }

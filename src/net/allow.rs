@@ -1,10 +1,11 @@
-//! `manager --allow FILE`: the public keys of the peers admitted to a
-//! network of known machines. One key per line (the form `peer --show-id`
-//! prints), optionally followed by a note; `#` starts a comment. The file is
-//! reread when it changes (checked as each peer's handshake completes and
-//! every [`CHECK_EVERY`]) and on SIGHUP; a file that stops parsing keeps the
-//! last good list. After a reread the manager closes the connections of
-//! members whose key is no longer listed.
+//! `manager --allow FILE` and `peer --allow FILE`: the public keys of the
+//! peers admitted to a network of known machines (by the manager, to
+//! register or ask; by a peer, to fetch from it). One key per line (the form
+//! `peer --show-id` prints), optionally followed by a note; `#` starts a
+//! comment. The file is reread when it changes (checked every
+//! [`CHECK_EVERY`]; the manager also on SIGHUP); a file that stops parsing
+//! keeps the last good list. After a reread the owner closes the
+//! connections whose key is no longer listed.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::wire::PeerKey;
 
-/// How often the manager looks at the file's stamp for a change.
+/// How often the owner looks at the file's stamp for a change.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
