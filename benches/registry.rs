@@ -172,40 +172,33 @@ fn bench_requests(c: &mut Criterion) {
 }
 
 fn bench_joins(c: &mut Criterion) {
-    let mut group = c.benchmark_group("registry-joins");
-    group.sample_size(10);
-    for n in [10_000usize, 100_000, 1_000_000] {
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
-            b.iter(|| {
-                let now = Instant::now();
-                let mut r = Registry::new(RegistryConfig::default());
-                let mut out = Vec::new();
-                let mut bytes = 0;
-                for i in 0..n {
-                    join(&mut r, i, now);
-                    bytes += drain(&mut r, &mut out);
-                }
-                r.handle_timeout(now + r.config().broadcast_delay);
-                bytes + drain(&mut r, &mut out)
-            })
-        });
-    }
-    group.finish();
+    bench_joins_with(
+        c,
+        "registry-joins",
+        &[10_000, 100_000, 1_000_000],
+        RegistryConfig::default(),
+    );
 }
 
 /// The same joins with every member following the full list (the limit
 /// above N): the cost the threshold avoids, at the sizes that finish.
 fn bench_joins_full_lists(c: &mut Criterion) {
-    let mut group = c.benchmark_group("registry-joins-full-lists");
+    let config = RegistryConfig {
+        full_list_limit: usize::MAX,
+        ..RegistryConfig::default()
+    };
+    bench_joins_with(c, "registry-joins-full-lists", &[1_000, 10_000], config);
+}
+
+/// N joins into a fresh registry and the broadcast window after them, the
+/// bytes of every frame they queue counted.
+fn bench_joins_with(c: &mut Criterion, group: &str, sizes: &[usize], config: RegistryConfig) {
+    let mut group = c.benchmark_group(group);
     group.sample_size(10);
-    for n in [1_000usize, 10_000] {
+    for &n in sizes {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter(|| {
                 let now = Instant::now();
-                let config = RegistryConfig {
-                    full_list_limit: usize::MAX,
-                    ..RegistryConfig::default()
-                };
                 let mut r = Registry::new(config);
                 let mut out = Vec::new();
                 let mut bytes = 0;
