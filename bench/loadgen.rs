@@ -16,7 +16,8 @@
 //!    its Welcome (or until none got in for 20 s: handshakes the manager's
 //!    accept queue dropped hang); "converged": until every peer that got
 //!    in holds every other that got in.
-//! 2. steady: 10 s of heartbeats; the manager's CPU share over it.
+//! 2. steady: 10 s of heartbeats (`--steady`), with `--churn N` peers joining
+//!    and as many crashing each second; the manager's CPU share over it.
 //! 3. join, goodbye, crash, hang: one more peer joins, says goodbye; another
 //!    joins and its socket is closed without goodbye (a killed process);
 //!    another joins and goes silent with its socket open (a hung host,
@@ -53,6 +54,9 @@ struct Args {
     steady_secs: u64,
     /// Connects per second in the burst; `None`: all at once.
     rate: Option<f64>,
+    /// During the steady phase, this many extra peers join and as many
+    /// crash each second (a churning network).
+    churn: f64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -70,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
         manager_bin: default_bin,
         steady_secs: 10,
         rate: None,
+        churn: 0.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,10 +86,12 @@ fn parse_args() -> Result<Args, String> {
             "--manager-bin" => args.manager_bin = PathBuf::from(value()?),
             "--rate" => args.rate = Some(value()?.parse().map_err(|e| format!("{e}"))?),
             "--steady" => args.steady_secs = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--churn" => args.churn = value()?.parse().map_err(|e| format!("{e}"))?,
             "-h" | "--help" => {
                 return Err(
                     "usage: loadgen [--peers N] [--heartbeat SECS] [--peer-timeout SECS] \
-                            [--steady SECS] [--rate CONNECTS_PER_SEC] [--manager-bin PATH]"
+                            [--steady SECS] [--churn JOINS_AND_LEAVES_PER_SEC] \
+                            [--rate CONNECTS_PER_SEC] [--manager-bin PATH]"
                         .into(),
                 );
             }
@@ -351,11 +358,11 @@ fn measure(
 
     let cpu_s0 = cpu_secs(pid);
     let s0 = Instant::now();
-    g.run_until(Duration::from_secs(args.steady_secs), |_| false);
+    let churned = g.churn(args.churn, Duration::from_secs(args.steady_secs));
     let steady = (cpu_secs(pid) - cpu_s0) / s0.elapsed().as_secs_f64();
     let still = g.sims.iter().filter(|(_, s)| s.burst).count();
     println!(
-        "steady: manager CPU {:.1} % over {} s; {still} of {n} still connected",
+        "steady: manager CPU {:.1} % over {} s ({churned} joins and as many crashes); {still} of {n} still connected",
         steady * 100.0,
         args.steady_secs
     );
@@ -761,6 +768,42 @@ impl Gen {
             let _ = self.poll.registry().deregister(&mut sim.stream);
         }
         self.spread(start)
+    }
+
+    /// Runs the loop for `steady`; with `per_sec` > 0, meanwhile that many
+    /// extra peers join each second and, once ten are in, the oldest of
+    /// them crashes for each one that joins. Returns the joins.
+    fn churn(&mut self, per_sec: f64, steady: Duration) -> usize {
+        if per_sec <= 0.0 {
+            self.run_until(steady, |_| false);
+            return 0;
+        }
+        let start = Instant::now();
+        let mut extra: std::collections::VecDeque<usize> = Default::default();
+        let mut joined = 0;
+        while start.elapsed() < steady {
+            let due = (start.elapsed().as_secs_f64() * per_sec) as usize;
+            while joined < due {
+                match self.spawn(self.burst + 1000 + joined, false) {
+                    Ok(key) => extra.push_back(key),
+                    Err(e) => eprintln!("churn connect: {e}"),
+                }
+                joined += 1;
+                if extra.len() > 10
+                    && let Some(old) = extra.pop_front()
+                    && let Some(mut sim) = self.sims.try_remove(old)
+                {
+                    let _ = self.poll.registry().deregister(&mut sim.stream);
+                }
+            }
+            self.run_until(Duration::from_millis(5), |_| false);
+        }
+        for key in extra {
+            if let Some(mut sim) = self.sims.try_remove(key) {
+                let _ = self.poll.registry().deregister(&mut sim.stream);
+            }
+        }
+        joined
     }
 
     /// Makes every burst peer follow probe `key`, as a downloader follows
