@@ -47,7 +47,7 @@ fn main() {
         r.handle_message(conn, remote, register, now);
         frames += drain(&mut r);
         // The burst spread over 1 s of virtual time (timers fire; nobody
-        // times out, as nobody would answer a ping).
+        // sends a keepalive, but 1 s is inside the peer timeout).
         now = start + Duration::from_nanos(i as u64 * 1_000_000_000 / n as u64);
         if r.poll_timeout().is_some_and(|t| t <= now) {
             r.handle_timeout(now);

@@ -9,9 +9,9 @@ use clap::Parser;
 use shoal::manager::RegistryConfig;
 use shoal::manager::server::{Server, ServerConfig};
 
-/// The shoal manager: accepts peer registrations, pings every peer on a
-/// timer, drops the silent ones, and broadcasts each change of the peer list
-/// to every peer. It also answers "who has this file" from the file lists
+/// The shoal manager: accepts peer registrations, checks on a timer that
+/// every peer's keepalives keep coming, drops the silent ones, and
+/// broadcasts each change of the peer list to every peer. It also answers "who has this file" from the file lists
 /// the peers report.
 ///
 /// Commands on stdin: `peers`, `files`, `close` (or `c`). Stdin may be
