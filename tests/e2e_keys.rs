@@ -660,6 +660,12 @@ fn a_peer_with_allow_serves_listed_keys_only_and_drops_one_removed() {
     wait_for(WAIT, "b refused by the seeder", || {
         seeder_says(&format!("its key {kb} is not in the allow list"))
     });
+    wait_for(WAIT, "b told why", || {
+        b_get
+            .stderr
+            .text()
+            .contains("serves only the keys on its allow list")
+    });
     drop(b_get);
     assert!(!b.join("f.bin").exists(), "an unlisted peer got the file");
 
@@ -675,6 +681,18 @@ fn a_peer_with_allow_serves_listed_keys_only_and_drops_one_removed() {
     assert!(
         !a.join("f.bin").exists(),
         "a finished before the change: the test needs a slower link"
+    );
+    wait_for(WAIT, "a told why", || {
+        a_get
+            .stderr
+            .text()
+            .contains("serves only the keys on its allow list")
+    });
+    // Longer than the whole download would take: a never gets the rest.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !a.join("f.bin").exists(),
+        "a got the file after it was dropped"
     );
     drop(a_get);
 

@@ -1393,15 +1393,24 @@ mod tests {
         let mut r = with_limit(10);
         let hb = r.config.heartbeat;
         let mut joined_at: BTreeMap<ConnId, Instant> = BTreeMap::new();
-        let join_some = |r: &mut Registry, joined_at: &mut BTreeMap<_, _>, k, now| {
-            for _ in 0..k {
-                let conn = r.next_peer_id as usize; // unique, like the ids
-                join(r, conn, now);
-                joined_at.insert(ConnId(conn), now);
-            }
-        };
-        join_some(&mut r, &mut joined_at, 100, now);
+        // Connection ids are slab keys: a leaver's is handed to the next
+        // joiner, so stale ping entries meet new members under the same id.
+        let mut free: Vec<usize> = Vec::new();
+        let mut next_conn = 1;
+        let mut join_some =
+            |r: &mut Registry, joined_at: &mut BTreeMap<_, _>, free: &mut Vec<usize>, k, now| {
+                for _ in 0..k {
+                    let conn = free.pop().unwrap_or_else(|| {
+                        next_conn += 1;
+                        next_conn - 1
+                    });
+                    join(r, conn, now);
+                    joined_at.insert(ConnId(conn), now);
+                }
+            };
+        join_some(&mut r, &mut joined_at, &mut free, 100, now);
         drain(&mut r);
+        let mut peak_entries = 0;
         let start = now;
         let mut pinged: BTreeMap<ConnId, Vec<Instant>> = BTreeMap::new();
         let end = now + hb * (3 * PROBE_HEARTBEATS);
@@ -1411,17 +1420,23 @@ mod tests {
             keep_alive(&mut r, now);
             if now.duration_since(start) >= hb * beat {
                 beat += 1;
-                // A steady stream of joins, and at heartbeat 8 a bulk leave
-                // of half the members pinged so far.
-                join_some(&mut r, &mut joined_at, 20, now);
+                // A steady stream of joins; three members leave each
+                // heartbeat (their ids go to the next joiners); at
+                // heartbeat 8 a bulk leave of half the members pinged so far.
+                let mut leaving: Vec<ConnId> =
+                    joined_at.keys().copied().step_by(7).take(3).collect();
                 if beat == 8 {
-                    let leaving: Vec<ConnId> = pinged.keys().copied().step_by(2).collect();
-                    for conn in leaving {
-                        r.handle_disconnected(conn, now);
-                        pinged.remove(&conn);
-                        joined_at.remove(&conn);
-                    }
+                    leaving.extend(pinged.keys().copied().step_by(2));
                 }
+                leaving.sort();
+                leaving.dedup();
+                for conn in leaving {
+                    r.handle_disconnected(conn, now);
+                    pinged.remove(&conn);
+                    joined_at.remove(&conn);
+                    free.push(conn.0);
+                }
+                join_some(&mut r, &mut joined_at, &mut free, 20, now);
             }
             r.handle_timeout(now);
             for action in drain(&mut r) {
@@ -1433,8 +1448,16 @@ mod tests {
                     }
                 }
             }
+            peak_entries = peak_entries.max(r.pings.len());
         }
         check_invariants(&r);
+        // Stale entries go when their bucket comes up: bounded by the
+        // leaves of the last 10 heartbeats, not by the run's churn.
+        assert!(
+            peak_entries < 2 * r.members.len(),
+            "{peak_entries} ping entries for {} members",
+            r.members.len()
+        );
         let most = hb * PROBE_HEARTBEATS;
         let least = hb * (PROBE_HEARTBEATS - 1) - hb / 4;
         for (conn, &joined) in &joined_at {

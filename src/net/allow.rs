@@ -2,9 +2,9 @@
 //! peers admitted to a network of known machines (by the manager, to
 //! register or ask; by a peer, to fetch from it). One key per line (the form
 //! `peer --show-id` prints), optionally followed by a note; `#` starts a
-//! comment. The file is reread when it changes (checked every
-//! [`CHECK_EVERY`]; the manager also on SIGHUP); a file that stops parsing
-//! keeps the last good list. After a reread the owner closes the
+//! comment. The file is reread when it changes (checked as each sealed
+//! handshake completes and every [`CHECK_EVERY`]; the manager also on
+//! SIGHUP); a file that stops parsing keeps the last good list. After a reread the owner closes the
 //! connections whose key is no longer listed.
 
 use std::collections::HashSet;

@@ -8,6 +8,7 @@ use mio::Token;
 
 use super::swarm::ServingCatalog;
 use super::*;
+use crate::net::allow::AllowList;
 use crate::net::{self, ConnId, Flow, ReadEnd};
 use crate::peer::serve::{Catalog, ChunkRequest, ServeAction, ServeConfig, ServeSession};
 use crate::wire::{self, ErrorCode, Message};
@@ -96,6 +97,8 @@ impl Node {
             }
             ReadEnd::Authenticated(key) => {
                 log::debug!("{}: sealed, key {key}", conn.peer_addr());
+                // A key just added must not wait for the next check.
+                let changed = self.config.allow.as_mut().is_some_and(AllowList::refresh);
                 if let Some(allow) = &self.config.allow
                     && !allow.contains(&key)
                 {
@@ -106,7 +109,13 @@ impl Node {
                     );
                     conn.send(&not_allowed());
                     self.close_peer(id);
+                    if changed {
+                        self.drop_unlisted();
+                    }
                     return;
+                }
+                if changed {
+                    self.drop_unlisted();
                 }
                 self.revisit.push(id);
                 // Our hello waited for the handshake.
@@ -471,7 +480,7 @@ impl Node {
             .conns
             .iter_mut()
             .filter_map(|(key, pc)| match pc {
-                PeerConn::Serving { conn, .. } => {
+                PeerConn::Serving { conn, manifest, .. } => {
                     let peer = conn.remote_key()?;
                     if allow.contains(&peer) {
                         return None;
@@ -481,7 +490,10 @@ impl Node {
                         conn.peer_addr(),
                         allow.path().display()
                     );
-                    conn.send(&not_allowed());
+                    // Not in the middle of a manifest's body.
+                    if manifest.is_none() {
+                        conn.send(&not_allowed());
+                    }
                     Some(ConnId(key))
                 }
                 PeerConn::Source { .. } => None,
