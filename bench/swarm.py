@@ -790,15 +790,20 @@ class SwarmBench:
             runs.append(res)
         return runs
 
-    def scenario_f(self, n=16):
-        name = f"f  swarm 1 -> {n}, {self.mbit}mbit links, {SWARM_MIB} MiB"
+    def swarm_setup(self, letter, n):
+        """The scenario's name, its lab of n downloaders (None if it cannot
+        run), the file, the link rate in bytes/s and the file's size."""
+        name = f"{letter}  swarm 1 -> {n}, {self.mbit}mbit links, {SWARM_MIB} MiB"
         print(f"== {name}", file=sys.stderr)
         lab = self.lab(n, name)
+        src = self.bench.file(SWARM_MIB) if lab else None
+        size = src.stat().st_size if src else 0
+        return name, lab, src, self.mbit * 1e6 / 8, size
+
+    def scenario_f(self, n=16):
+        name, lab, src, rate, size = self.swarm_setup("f", n)
         if not lab:
             return
-        src = self.bench.file(SWARM_MIB)
-        rate = self.mbit * 1e6 / 8
-        size = src.stat().st_size
         alone = n * size / rate
         work = self.bench.work / "swarm-f"
         try:
@@ -815,14 +820,9 @@ class SwarmBench:
         self.bench.swarm_runs.extend(runs)
 
     def scenario_g(self, n=6):
-        name = f"g  swarm 1 -> {n}, {self.mbit}mbit links, {SWARM_MIB} MiB"
-        print(f"== {name}", file=sys.stderr)
-        lab = self.lab(n, name)
+        name, lab, src, rate, size = self.swarm_setup("g", n)
         if not lab:
             return
-        src = self.bench.file(SWARM_MIB)
-        rate = self.mbit * 1e6 / 8
-        size = src.stat().st_size
         work = self.bench.work / "swarm-g"
         try:
             with Swarm(work, src, [None], hosts=lab) as swarm:

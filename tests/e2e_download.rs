@@ -47,16 +47,6 @@ fn get(dir: &Path, manager: SocketAddr, name: &str) -> (bool, String, String) {
     (status.success(), p.stdout.text(), p.stderr.text())
 }
 
-/// Waits until the manager lists `name` with `holders` holders.
-fn wait_holders(manager: SocketAddr, name: &str, holders: u32) {
-    let want = format!("{holders:>3} holders");
-    wait_for(WAIT, "holders to be listed", || {
-        let (_, out, _) = peer_oneshot(manager, &["files"]);
-        out.lines()
-            .any(|l| l.trim_start().starts_with(name) && l.contains(&want))
-    });
-}
-
 fn same_bytes(a: &Path, b: &Path) -> bool {
     std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }

@@ -4,23 +4,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tempfile::TempDir;
 
 const MIB: u64 = 1 << 20;
-
-/// Waits until the manager lists `name` with `holders` holders.
-fn wait_holders(manager: SocketAddr, name: &str, holders: u32) {
-    let want = format!("{holders:>3} holders");
-    wait_for(WAIT, "holders to be listed", || {
-        let (_, out, _) = peer_oneshot(manager, &["files"]);
-        out.lines()
-            .any(|l| l.trim_start().starts_with(name) && l.contains(&want))
-    });
-}
 
 #[test]
 fn downloaders_of_one_capped_seeder_finish_together() {

@@ -287,6 +287,16 @@ pub fn spawn_peer(dir: &Path, manager: SocketAddr, args: &[&str]) -> Proc {
 }
 
 /// Runs `peer --manager ADDR <args>` to completion and returns its stdout.
+/// Waits until the manager lists `name` with `holders` holders.
+pub fn wait_holders(manager: SocketAddr, name: &str, holders: u32) {
+    let want = format!("{holders:>3} holders");
+    wait_for(WAIT, "holders to be listed", || {
+        let (_, out, _) = peer_oneshot(manager, &["files"]);
+        out.lines()
+            .any(|l| l.trim_start().starts_with(name) && l.contains(&want))
+    });
+}
+
 pub fn peer_oneshot(manager: SocketAddr, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(peer_bin())
         .args(["--manager", &manager.to_string()])
